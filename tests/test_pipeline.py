@@ -104,3 +104,20 @@ def test_feature_records_batch_without_audio_fields():
   assert batches[0]["features"].shape == (2, 5) and "audio" not in batches[0]
   assert batches[1]["valid"].tolist() == [True, False]
   assert set(pipeline.device_fields(batches[0])) == {"features", "emotions", "valid"}
+
+
+def test_training_global_batches_do_not_depend_on_the_process_count():
+  records = _records([300 + 100 * i for i in range(10)])
+  options = pipeline.AudioOptions(clip_samples=400, random_crop=True)
+
+  def batches(index, count):
+    ds = pipeline.make_pipeline(records, batch_size=4 // count, train=True, seed=5, audio=options,
+                                shard_index=index, shard_count=count)
+    return list(itertools.islice(iter(ds), 5))
+
+  single = batches(0, 1)
+  halves = [batches(0, 2), batches(1, 2)]
+  for k in range(5):
+    for key in ("audio", "file_id", "length"):
+      joined = np.concatenate([halves[0][k][key], halves[1][k][key]])
+      np.testing.assert_array_equal(joined, single[k][key])  # same clips, same crops, same order

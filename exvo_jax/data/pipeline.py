@@ -9,10 +9,12 @@ A batch is a dict of numpy arrays with a leading batch axis:
   file_id, speaker: [B] str (host-side only; drop them before sending a batch to devices)
 Feature-set records (no `audio`) get the same treatment minus the audio fields.
 
-Training pipelines shuffle, repeat and drop the last partial batch; evaluation pipelines read each record of the
-process's shard exactly once, in order, padding the last batch with `valid=False` rows. Every process of a
-multi-host run reads its own shard (`shard_index::shard_count`); evaluation shards are padded to equal length so
-that all processes run the same number of steps.
+Training pipelines shuffle, repeat and drop the last partial batch. The shuffle and the random crops depend on the
+seed and on a record's position in the global order only, so the global batches are the same whatever the number of
+processes: with P processes, global batch k is the k-th block of P * batch_size shuffled indices and process p
+reads rows [p * batch_size, (p + 1) * batch_size) of it. Evaluation pipelines read each record of the process's
+shard (`shard_index::shard_count`) exactly once, in order, padding the last batch with `valid=False` rows; shards
+are padded to equal length so that all processes run the same number of steps.
 """
 
 import dataclasses
@@ -58,12 +60,20 @@ def peak_normalise(audio):
   return audio / peak if peak > PEAK_FLOOR else audio
 
 
-def prepare_audio(record, options, rng=None):
-  """One record: int16 audio -> float32 cropped (and normalised) audio plus its `length`."""
+def prepare_audio(record, options, rng=None, augment=None):
+  """One record: int16 audio -> float32 cropped (and normalised) audio plus its `length`.
+
+  `augment(audio float32 [n], rng) -> float32 [m]` (training only) runs on the whole clip before the crop.
+  """
   record = dict(record)
   target = options.clip_samples or options.max_samples
-  audio = crop(np.asarray(record["audio"]), target, rng if options.random_crop else None)
-  audio = audio.astype(np.float32) / 32768.0
+  audio = np.asarray(record["audio"])
+  if augment is not None:
+    audio = augment(audio.astype(np.float32) / 32768.0, rng)
+    audio = crop(audio, target, rng if options.random_crop else None).astype(np.float32)
+  else:
+    audio = crop(audio, target, rng if options.random_crop else None)
+    audio = audio.astype(np.float32) / 32768.0
   if options.peak_normalise:
     audio = peak_normalise(audio)
   record["audio"] = audio
@@ -107,36 +117,48 @@ def collate(records, *, batch_size, options=None):
 
 
 def make_pipeline(source, *, batch_size, train, seed=0, num_epochs=None, audio=None, shard_index=0,
-                  shard_count=1, worker_count=0):
+                  shard_count=1, worker_count=0, augment=None):
   """A grain dataset of batches over one split's records.
 
   Args:
     source: random-access records (`builders.data_source(builder, split)`, or any sequence of dicts).
-    batch_size: rows per batch on this process.
+    batch_size: rows per batch on this process (the global batch is batch_size * shard_count).
     train: shuffle + repeat + drop the remainder (True), or one ordered pass with padded final batch (False).
-    seed: shuffling and random-crop seed (the same on every process: shards are disjoint anyway).
+    seed: shuffling and random-crop seed (the same on every process).
     num_epochs: training epochs, None = forever.
     audio: `AudioOptions` for records with audio; ignored for feature records.
-    shard_index, shard_count: this process's shard of the split (multi-host).
+    shard_index, shard_count: this process's part of the data (multi-host); see the module docstring.
     worker_count: grain worker processes (0 = read in this process). Workers need absl flags parsed.
+    augment: training-only audio augmentation, `(audio float32 [n], rng) -> float32 [m]`.
   Returns:
     A `grain.IterDataset`; `iter()` gives a checkpointable iterator (`get_state`/`set_state`).
   """
   options = audio or AudioOptions(random_crop=train)
-  ds = grain.MapDataset.source(source)
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
   has_audio = len(source) > 0 and "audio" in source[0]
   if train:
-    ds = ds.shuffle(seed=seed).repeat(num_epochs)
-    if has_audio:
-      ds = ds.random_map(lambda r, rng: prepare_audio(r, options, rng), seed=seed)
-    ds = ds.batch(batch_size, drop_remainder=True,
-                  batch_fn=lambda rs: collate(rs, batch_size=batch_size, options=options))
+    global_batch = batch_size * shard_count
+    # Positions in the global shuffled order; this process keeps its rows of every global batch.
+    positions = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(num_epochs)
+    positions = positions.map_with_index(lambda k, index: (k, index)).batch(global_batch, drop_remainder=True)
+    rows = positions.map(lambda b: (b[0][shard_index * batch_size:(shard_index + 1) * batch_size],
+                                    b[1][shard_index * batch_size:(shard_index + 1) * batch_size]))
+
+    def load(block):
+      records = []
+      for k, index in zip(*block):
+        record = source[int(index)]
+        if has_audio:  # the crop/augmentation draw depends on the global position only
+          record = prepare_audio(record, options, np.random.default_rng([seed, int(k)]), augment)
+        records.append(record)
+      return collate(records, batch_size=batch_size, options=options)
+
+    ds = rows.map(load)
   else:
+    shard = grain.MapDataset.source(source)
+    if shard_count > 1:
+      shard = shard[shard_index::shard_count]
     per_shard = -(-len(source) // shard_count)  # equal step counts on every process
     padded = -(-per_shard // batch_size) * batch_size
-    shard = ds
     template = prepare_audio(source[0], options) if has_audio else source[0]
     # Padding rows are None; a batch made only of padding is collated from the template with valid=False.
     ds = grain.MapDataset.range(padded).map(lambda i: shard[i] if i < len(shard) else None)
