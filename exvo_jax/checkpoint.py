@@ -34,6 +34,7 @@ import math
 import os
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -153,22 +154,49 @@ class Checkpointer:
     return None if self._best is None else self._best.best_step()
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """Restores the newest checkpoint into the structure of `abstract_state`.
+    """Restores the newest readable checkpoint into the structure of `abstract_state`.
+
+    A newest checkpoint that cannot be read (corrupt, or cut short by a machine that died while writing it) is
+    moved aside to `<directory>/unreadable/` with a warning, and the previous one is restored instead; moving it
+    aside lets later saves reuse its step. (Orbax already ignores saves that never finished: they stay in
+    temporary folders and are never listed.)
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct`s (from `jax.eval_shape`
         of the state constructor), optionally with shardings (`with_sharding`).
 
     Returns:
-      (step, state, extra), or None when nothing has been saved.
+      (step, state, extra), or None when nothing (readable) has been saved.
     """
     self.wait()
-    step = self._latest.latest_step()
-    if step is None:
-      return None
-    restored = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
-    return step, restored.state, dict(restored.extra)
+    for step in sorted(self._latest.all_steps(), reverse=True):
+      try:
+        restored = self._latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+      except Exception as error:  # pylint: disable=broad-except  (any unreadable file means: fall back)
+        self._set_aside(step, error)
+        continue
+      return step, restored.state, dict(restored.extra)
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    older = [s for s in self._latest.all_steps() if s < step]
+    fallback = f"falling back to step {max(older)}" if older else "no older checkpoint: starting from scratch"
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    aside = self.directory / "unreadable" / str(step)
+    logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved to %s; %s", step,
+                    self.directory / "latest", type(error).__name__, reason, aside, fallback)
+    print(f"WARNING: checkpoint step {step} in {self.directory / 'latest'} is unreadable ({reason}); moved to "
+          f"{aside}; {fallback}", flush=True)
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      if aside.exists():
+        aside.rmtree()
+      (self.directory / "latest" / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self._latest.reload()
 
   def restore_best(self, abstract_state: Any) -> Any | None:
     """Restores the best checkpoint's state (see `restore_latest`); None if there is none."""

@@ -152,3 +152,30 @@ def test_relative_directory_is_made_absolute(tmp_path, monkeypatch):
 def test_bad_best_mode_raises(tmp_path):
   with pytest.raises(ValueError, match="best_mode"):
     Checkpointer(tmp_path, best_mode="largest")
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrays", "delete_state", "garble_extra"])
+def test_unreadable_latest_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+  states = _states(3)
+  with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    for step, state in enumerate(states, start=1):
+      ckpt.save(step, state, extra={"step": step})
+  latest = tmp_path / "latest" / "3"
+  if damage == "truncate_arrays":
+    for path in (latest / "state").rglob("*"):
+      if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
+        path.write_bytes(path.read_bytes()[:5])
+  elif damage == "delete_state":
+    for path in sorted((latest / "state").rglob("*"), reverse=True):
+      path.unlink() if path.is_file() else path.rmdir()
+  else:
+    (latest / "extra" / "metadata").write_text("{not json")
+  with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    step, state, extra = ckpt.restore_latest(jax.eval_shape(_make_state))
+    assert (step, extra) == (2, {"step": 2})
+    _assert_trees_equal(state.params, states[1].params)
+    assert "checkpoint step 3" in capsys.readouterr().out
+    assert (tmp_path / "unreadable" / "3").exists() and not latest.exists()
+    assert ckpt.save(3, states[2], extra={"step": 3})  # the step is free again
+  with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    assert ckpt.restore_latest(jax.eval_shape(_make_state))[0] == 3
