@@ -156,10 +156,11 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """Restores the newest readable checkpoint into the structure of `abstract_state`.
 
-    A newest checkpoint that cannot be read (corrupt, or cut short by a machine that died while writing it) is
-    moved aside to `<directory>/unreadable/` with a warning, and the previous one is restored instead; moving it
-    aside lets later saves reuse its step. (Orbax already ignores saves that never finished: they stay in
-    temporary folders and are never listed.)
+    A newest checkpoint that cannot be read (corrupt, or cut short by a machine that died while writing it) while
+    an older one can is moved aside to `<directory>/unreadable/` with a warning, and the older one is restored
+    instead; moving it aside lets later saves reuse its step. When no checkpoint reads, nothing is moved and the
+    first error is raised (a state that does not match the target, e.g. another model size). Orbax already
+    ignores saves that never finished: they stay in temporary folders and are never listed.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct`s (from `jax.eval_shape`
@@ -169,25 +170,30 @@ class Checkpointer:
       (step, state, extra), or None when nothing (readable) has been saved.
     """
     self.wait()
+    failed = []  # (step, error) of newer checkpoints that could not be read
     for step in sorted(self._latest.all_steps(), reverse=True):
       try:
         restored = self._latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
-      except Exception as error:  # pylint: disable=broad-except  (any unreadable file means: fall back)
-        self._set_aside(step, error)
+      except Exception as error:  # pylint: disable=broad-except  (judged below: corrupt, or a wrong target)
+        failed.append((step, error))
         continue
+      for bad_step, error in failed:  # an older one reads: the newer ones are damaged
+        self._set_aside(bad_step, error, step)
       return step, restored.state, dict(restored.extra)
+    if failed:  # nothing reads: more likely a state that does not match the target than corruption everywhere
+      raise RuntimeError(f"no checkpoint in {self.directory / 'latest'} restores into this run's state (steps "
+                         f"{[s for s, _ in failed]}); unreadable, or written by another config or model? Use another "
+                         "workdir, or remove that folder to start afresh") from failed[0][1]
     return None
 
-  def _set_aside(self, step: int, error: Exception) -> None:
-    older = [s for s in self._latest.all_steps() if s < step]
-    fallback = f"falling back to step {max(older)}" if older else "no older checkpoint: starting from scratch"
+  def _set_aside(self, step: int, error: Exception, fallback: int) -> None:
     reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     aside = self.directory / "unreadable" / str(step)
-    logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved to %s; %s", step,
+    logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved to %s; falling back to step %d", step,
                     self.directory / "latest", type(error).__name__, reason, aside, fallback)
     print(f"WARNING: checkpoint step {step} in {self.directory / 'latest'} is unreadable ({reason}); moved to "
-          f"{aside}; {fallback}", flush=True)
+          f"{aside}; falling back to step {fallback}", flush=True)
     if jax.process_index() == 0:
       aside.parent.mkdir(parents=True, exist_ok=True)
       if aside.exists():

@@ -1,16 +1,20 @@
 """Entry point: `python -m exvo_jax.main --config=configs/<task>.py[:variant] [--workdir=DIR] [--config.x=y]`.
 
-Parses the flags, then hands the config and workdir to the task named by `config.task`.
+Parses the flags, starts the multi-process runtime when the run is distributed, checks the workdir, installs the
+SIGTERM handler, then hands the config and workdir to the task named by `config.task`.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from exvo_jax import runtime
 from exvo_jax.tasks import describe
 from exvo_jax.tasks import fewshot
+from exvo_jax.tasks import generate
 from exvo_jax.tasks import multitask
 
 FLAGS = flags.FLAGS
@@ -18,11 +22,16 @@ config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the run writes checkpoints, metrics and outputs, and resumes from. "
                     "Default: runs/<task>.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT of process 0. Slurm and TPU pods "
+                    "are detected without it.")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 .. num_processes - 1.")
 flags.mark_flags_as_required(["config"])
 
 TASKS = {
     "describe": describe.run,
     "fewshot": fewshot.run,
+    "generate": generate.run,
     "multitask": multitask.run,
 }
 
@@ -33,10 +42,19 @@ def main(argv):
   config = FLAGS.config
   if config.task not in TASKS:
     raise app.UsageError(f"config.task is {config.task!r}; known tasks: {', '.join(sorted(TASKS))}")
+  started = runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   workdir = FLAGS.workdir or os.path.join("runs", config.task)
-  os.makedirs(workdir, exist_ok=True)
-  print(f"task {config.task}, workdir {os.path.abspath(workdir)}")
-  TASKS[config.task](config, workdir)
+  runtime.check_workdir(workdir)
+  runtime.preemption.install()
+  print(f"task {config.task}, workdir {os.path.abspath(workdir)}, {started}", flush=True)
+  try:
+    TASKS[config.task](config, workdir)
+  except runtime.Preempted as preempted:
+    print(f"preempted: {preempted}. Rerun the same command (same --workdir) to resume.", flush=True)
+    sys.exit(0)
+  except runtime.NonFiniteLoss as error:
+    print(f"stopped: {error}", file=sys.stderr, flush=True)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

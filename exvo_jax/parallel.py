@@ -110,6 +110,7 @@ def data_parallel(
     return jitted(*args)
 
   wrapped.jitted = jitted
+  wrapped.mesh = mesh
   return wrapped
 
 
@@ -143,6 +144,56 @@ def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
   sharding = NamedSharding(mesh, P(DATA_AXIS))
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
                       local_batch)
+
+
+def to_host(tree: Any) -> Any:
+  """Global arrays -> numpy on every process (gathered across processes in a multi-process run)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def predict_all(predict: Callable[[Any], Any], num_records: int, mesh: Mesh, *, batch_size: int,
+                make_batches: Callable[[int, int, int], Any], fields: Sequence[str],
+                outputs: Sequence[str]) -> tuple[np.ndarray, ...]:
+  """Runs `predict` over every record of a split, each process on its own shard; all outputs on every process.
+
+  Args:
+    predict: `global batch -> dict of [B, ...] arrays` (sharded over `DATA_AXIS`).
+    num_records: records in the split.
+    mesh: the data-parallel mesh.
+    batch_size: global batch; divisible by the number of processes.
+    make_batches: `(shard_index, shard_count, local_batch) -> iterable of evaluation batches` of that shard
+      (`record shard_index + k * shard_count` is row k of the shard), padded with `valid=False` rows.
+    fields: the batch fields `predict` takes.
+    outputs: keys of `predict`'s result to return.
+  Returns:
+    One numpy array per key of `outputs`, rows in record order.
+  """
+  count, index = jax.process_count(), jax.process_index()
+  if batch_size % count:
+    raise ValueError(f"evaluation batch {batch_size} is not divisible by the {count} processes")
+  local = batch_size // count
+  collected, valid, records = {k: [] for k in outputs}, [], []
+  for step, batch in enumerate(make_batches(index, count, local)):
+    result = to_host({k: v for k, v in predict(global_batch_from_local(
+        {f: batch[f] for f in fields}, mesh)).items() if k in outputs})
+    for k in outputs:
+      collected[k].append(result[k])
+    flags = np.asarray(batch["valid"])
+    if count > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      flags = np.asarray(multihost_utils.process_allgather(flags, tiled=True))
+    valid.append(flags)
+    rows = step * local + np.arange(local)  # rows of each process's shard, process-major in the global batch
+    records.append((rows[None, :] * count + np.arange(count)[:, None]).reshape(-1))
+  valid, records = np.concatenate(valid), np.concatenate(records)
+  order = np.argsort(records[valid], kind="stable")
+  result = tuple(np.concatenate(collected[k])[valid][order] for k in outputs)
+  if len(order) != num_records:
+    raise RuntimeError(f"prediction covered {len(order)} of {num_records} records")
+  return result
 
 
 def maybe_initialize_distributed(

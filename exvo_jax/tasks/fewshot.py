@@ -35,6 +35,7 @@ from exvo_jax import adaptation
 from exvo_jax import checkpoint
 from exvo_jax import metrics
 from exvo_jax import parallel
+from exvo_jax import runtime
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
@@ -202,17 +203,25 @@ def _device_batch(batch, target):
 
 
 def predict_split(predict_fn, variables, split, options, batch_size):
-  """Outputs and embeddings of every clip of a split, in source order: ([N, K], [N, H])."""
-  outputs, embeddings = [], []
-  for batch in pipeline.make_pipeline(split.source, batch_size=batch_size, train=False, audio=options):
-    out = predict_fn(variables, {"audio": batch["audio"], "length": batch["length"]})
-    outputs.append(np.asarray(out["outputs"])[batch["valid"]])
-    embeddings.append(np.asarray(out["embedding"])[batch["valid"]])
-  return np.concatenate(outputs), np.concatenate(embeddings)
+  """Outputs and embeddings of every clip of a split, in source order: ([N, K], [N, H]).
+
+  `batch_size` is global. In a multi-process run every process predicts its own shard and receives all outputs.
+  """
+  outputs, embeddings = parallel.predict_all(
+      lambda batch: predict_fn(variables, batch), len(split.source), predict_fn.mesh, batch_size=batch_size,
+      make_batches=lambda shard_index, shard_count, local_batch: pipeline.make_pipeline(
+          split.source, batch_size=local_batch, train=False, audio=options, shard_index=shard_index,
+          shard_count=shard_count),
+      fields=("audio", "length"), outputs=("outputs", "embedding"))
+  return outputs, embeddings
 
 
 def train_base(config, model, target, splits, mesh, workdir, log=print):
-  """Trains Emo18, keeping the epoch with the best validation score; returns (best variables, history)."""
+  """Trains Emo18, keeping the epoch with the best validation score; returns (best variables, history).
+
+  Checkpoints at the end of every epoch (step = epoch * steps_per_epoch), and mid-epoch with the data iterator's
+  position when SIGTERM arrives, so a resumed run continues with the very next batch.
+  """
   options = pipeline.AudioOptions(max_samples=int(config.max_seconds * schema.SAMPLE_RATE),
                                   pad_multiple=emo18.FRAME_SAMPLES)
   train, val = splits["train"], splits[config.val_split]
@@ -231,11 +240,16 @@ def train_base(config, model, target, splits, mesh, workdir, log=print):
     state, extra = parallel.replicate(make_state(), mesh), {"epoch": 0, "history": []}
   else:
     _, state, extra = resumed
-    log(f"base model: resumed after epoch {extra['epoch']}")
+    where = extra.get("position")
+    log(f"base model: resumed after epoch {extra['epoch']}"
+        + (f", step {where['step']} of epoch {where['epoch']}" if where else ""))
   step = parallel.data_parallel(make_train_step(model, target), mesh)
   predict_fn = parallel.data_parallel(make_predict_step(model), mesh, donate_argnums=(),
                                       out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS))
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
+  processes = jax.process_count()
+  if config.batch_size % processes:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
   steps_per_epoch = len(train.source) // config.batch_size
   metrics_log = writers.MetricsLog(os.path.join(workdir, "metrics_log.jsonl"))
   total_steps = steps_per_epoch * config.num_epochs
@@ -243,29 +257,44 @@ def train_base(config, model, target, splits, mesh, workdir, log=print):
                               every_s=config.log_every_s)
   while extra["epoch"] < config.num_epochs:
     epoch = extra["epoch"] + 1
-    batches = pipeline.make_pipeline(train.source, batch_size=config.batch_size, train=True, num_epochs=1,
-                                     seed=config.seed * 1000 + epoch, audio=options)
-    losses = []
-    for i, batch in enumerate(batches, start=1):
-      state, step_metrics = step(state, parallel.shard_batch(_device_batch(batch, target), mesh))
+    batches = iter(pipeline.make_pipeline(train.source, batch_size=config.batch_size // processes, train=True,
+                                          num_epochs=1, seed=config.seed * 1000 + epoch, audio=options,
+                                          shard_index=jax.process_index(), shard_count=processes))
+    position = extra.pop("position", None)
+    first, losses = 1, []
+    if position is not None:  # resume mid-epoch: the same iterator, at the batch after the last one trained
+      batches.set_state(position["data"])
+      first, losses = position["step"] + 1, list(position["losses"])
+    for i, batch in enumerate(batches, start=first):
+      global_step = (epoch - 1) * steps_per_epoch + i
+      state, step_metrics = step(state, parallel.global_batch_from_local(_device_batch(batch, target), mesh))
+      loss = float(step_metrics["loss"])
+      runtime.check_finite({"loss": loss}, step=global_step, what=f"base model epoch {epoch}",
+                           checkpoint_dir=ckpt.directory, last_good_step=ckpt.latest_step())
+      losses.append(loss)
       if i % 20 == 0 or i == steps_per_epoch:
-        loss = float(step_metrics["loss"])
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"epoch {epoch} step {i}: loss is {loss}; the last good checkpoint is kept in "
-                                   f"{ckpt.directory} (lower the learning rate)")
-        losses.append(loss)
-        metrics_log.write((epoch - 1) * steps_per_epoch + i, train_loss=loss)
-      progress.update((epoch - 1) * steps_per_epoch + i, extra=f"epoch {epoch}")
+        metrics_log.write(global_step, train_loss=loss)
+      progress.update(global_step, extra=f"epoch {epoch}")
+      if i < steps_per_epoch and runtime.preemption.should_stop():
+        ckpt.save(global_step, state, extra={**extra, "position": {
+            "epoch": epoch, "step": i, "data": batches.get_state(), "losses": losses}})
+        ckpt.close()
+        raise runtime.Preempted(f"base model saved at epoch {epoch}, step {i} of {steps_per_epoch}, in "
+                                f"{ckpt.directory}")
     outputs, _ = predict_split(predict_fn, {"params": state.params, "batch_stats": state.batch_stats}, val,
                                options, eval_batch)
     labelled = val.labelled
     val_scores = target.score(outputs[labelled], val.labels[labelled])
     extra = {"epoch": epoch, "history": extra["history"] + [
         {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, **val_scores}]}
-    ckpt.save(epoch, state, metrics={target.main_metric: val_scores[target.main_metric]}, extra=extra)
+    ckpt.save(epoch * steps_per_epoch, state, metrics={target.main_metric: val_scores[target.main_metric]},
+              extra=extra)
     metrics_log.write(epoch * steps_per_epoch, **{f"val_{k}": v for k, v in val_scores.items()})
     log(f"epoch {epoch}: train loss {extra['history'][-1]['train_loss']:.4f} | val {target.main_metric} "
         f"{val_scores[target.main_metric]:.4f}")
+    if epoch < config.num_epochs and runtime.preemption.should_stop():
+      ckpt.close()
+      raise runtime.Preempted(f"base model saved after epoch {epoch} in {ckpt.directory}")
   best = ckpt.restore_best(checkpoint.with_sharding(abstract, replicated))
   ckpt.close()
   return {"params": best.params, "batch_stats": best.batch_stats}, extra["history"], predict_fn

@@ -1,0 +1,130 @@
+"""Staying alive: multi-host start-up, workdir checks, preemption (SIGTERM) and the non-finite loss guard.
+
+A run is distributed when `--coordinator_address/--num_processes/--process_id` are given, or when the
+environment says so (Slurm with several tasks, a Cloud TPU pod); then every process calls
+`jax.distributed.initialize` before any other JAX call. On CPU the processes talk through gloo.
+
+Preemption: TPU VMs and Slurm send SIGTERM before they reclaim a machine. `Preemption` turns that signal into a
+flag; training loops ask `should_stop()` between steps (all processes agree, so they stop at the same step), save
+a checkpoint with the data iterator's position, and raise `Preempted`; `main` prints how to resume and exits 0.
+"""
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+# Below this much free space in the workdir a run does not start (checkpoints would fail half-written).
+MIN_FREE_BYTES = 200 * 2**20
+
+
+class Preempted(Exception):
+  """Raised by a training loop after it saved a checkpoint because SIGTERM arrived."""
+
+
+class NonFiniteLoss(FloatingPointError):
+  """Raised when a loss is NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def detected_cluster():
+  """'slurm', 'tpu_pod' or None: an environment that runs one process per host/task with several of them."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+    return "slurm"
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if len([h for h in hosts.split(",") if h]) > 1:
+    return "tpu_pod"
+  return None
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None):
+  """Starts JAX's multi-process runtime when the run is distributed; returns a line that says what it did.
+
+  Explicit arguments win; without them Slurm and TPU pods are detected (jax.distributed reads their variables).
+  Must run before any other JAX call.
+  """
+  explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+  cluster = None if explicit else detected_cluster()
+  if not explicit and cluster is None:
+    return "single process"
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu" or (explicit and "cpu" in os.environ.get("JAX_PLATFORMS", "")):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    missing = [name for name, v in (("--coordinator_address", coordinator_address),
+                                    ("--num_processes", num_processes), ("--process_id", process_id)) if v is None]
+    if missing:
+      raise ValueError(f"a multi-process run needs --coordinator_address, --num_processes and --process_id; "
+                       f"missing {', '.join(missing)}")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+  return (f"process {jax.process_index()} of {jax.process_count()} ({cluster or 'explicit flags'}), "
+          f"{jax.local_device_count()} local / {jax.device_count()} global devices")
+
+
+def check_workdir(workdir, min_free_bytes=MIN_FREE_BYTES):
+  """Fails at start, with the fix, when `workdir` cannot be created or written or has too little free space."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-") as probe:
+      probe.write(b"x")
+      probe.flush()
+  except OSError as error:
+    raise SystemExit(f"workdir {os.path.abspath(workdir)} is not writable ({error.strerror or error}); choose "
+                     "another --workdir or fix its permissions") from None
+  free = shutil.disk_usage(workdir).free
+  if free < min_free_bytes:
+    raise SystemExit(f"workdir {os.path.abspath(workdir)} has {free / 2**20:.0f} MiB free, less than the "
+                     f"{min_free_bytes / 2**20:.0f} MiB a run needs for its checkpoints; free some space or choose "
+                     "another --workdir")
+
+
+def check_finite(losses, *, step, what, checkpoint_dir, last_good_step):
+  """Raises NonFiniteLoss when any value of `losses` (a dict of floats) is NaN or Inf."""
+  bad = {k: v for k, v in losses.items() if not np.isfinite(v)}
+  if bad:
+    kept = (f"the last good checkpoint (step {last_good_step}) is kept in {checkpoint_dir}"
+            if last_good_step is not None else f"no checkpoint had been saved yet in {checkpoint_dir}")
+    raise NonFiniteLoss(f"{what} step {step}: non-finite loss {bad}; stopped, {kept}. Lower the learning rate or "
+                        "check the input batch, then rerun with the same --workdir to resume from it")
+
+
+class Preemption:
+  """SIGTERM -> a flag that training loops poll; install once per process (main does).
+
+  `should_stop()` is collective in multi-process runs (every process must call it at the same step): it stops
+  all processes when any of them was signalled.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+    print(f"process {jax.process_index()}: received signal {signum}; saving a checkpoint at the next step",
+          file=sys.stderr, flush=True)
+
+  def install(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def should_stop(self):
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.any(flags))
+
+
+# The process's preemption flag; main installs the handler. Loops use `preemption.should_stop()`.
+preemption = Preemption()
