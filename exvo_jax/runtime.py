@@ -58,16 +58,48 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
     if missing:
       raise ValueError(f"a multi-process run needs --coordinator_address, --num_processes and --process_id; "
                        f"missing {', '.join(missing)}")
+    # JAX fills local_device_ids from SLURM_LOCALID under Slurm even with explicit flags; launch/slurm.sbatch sets
+    # JAX_LOCAL_DEVICE_IDS to the GPUs each task should drive.
+    local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id,
+                               local_device_ids=[int(i) for i in local.split(",")] if local else None)
   else:
     jax.distributed.initialize()
   return (f"process {jax.process_index()} of {jax.process_count()} ({cluster or 'explicit flags'}), "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices")
 
 
+def process_zero_first(build, what):
+  """Runs `build()` on process 0 first, then on the others (which then find its result, e.g. a built dataset).
+
+  Builds that write shared folders (the demo corpus, TFDS records) would otherwise race between processes.
+  """
+  if jax.process_count() == 1:
+    return build()
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  result = build() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"built {what}")
+  return result if jax.process_index() == 0 else build()
+
+
 def check_workdir(workdir, min_free_bytes=MIN_FREE_BYTES):
-  """Fails at start, with the fix, when `workdir` cannot be created or written or has too little free space."""
+  """Fails at start, with the fix, when `workdir` cannot be created or written or has too little free space.
+
+  Remote workdirs (gs://...) are created and probed through etils.epath; their free space is not checked.
+  """
+  if "://" in workdir:
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    try:
+      path = epath.Path(workdir)
+      path.mkdir(parents=True, exist_ok=True)
+      probe = path / f".write-check-{jax.process_index()}"
+      probe.write_text("x")
+      probe.unlink()
+    except Exception as error:  # pylint: disable=broad-except  (any storage error: the same advice)
+      raise SystemExit(f"workdir {workdir} is not writable ({error}); check the bucket and its permissions") \
+          from None
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-") as probe:

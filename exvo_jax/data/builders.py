@@ -18,6 +18,8 @@ import shutil
 import numpy as np
 import tensorflow_datasets as tfds
 
+from exvo_jax import runtime
+
 from exvo_jax.data import audio as audio_lib
 from exvo_jax.data import emogator as emogator_lib
 from exvo_jax.data import release as release_lib
@@ -179,16 +181,21 @@ def prepare(dataset, corpus_root, *, config=None, data_dir=None, strict=False):
     (builder, report dict as written to build_report.json). A built dataset is reused, with its stored report.
   """
   data_dir = pathlib.Path(data_dir or default_data_dir(corpus_root))
-  builder = BUILDERS[dataset](config=config, data_dir=os.fspath(data_dir), file_format="array_record",
-                              strict=strict)
-  report_path = pathlib.Path(builder.data_dir) / REPORT_FILE
-  if not report_path.is_file():
-    if pathlib.Path(builder.data_dir).exists():
-      shutil.rmtree(builder.data_dir)  # records without a report: a build cut off before its end
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(corpus_root)))
-    builder.report.write(report_path)  # written last: its presence marks a finished build
+
+  def build():
+    builder = BUILDERS[dataset](config=config, data_dir=os.fspath(data_dir), file_format="array_record",
+                                strict=strict)
+    report_path = pathlib.Path(builder.data_dir) / REPORT_FILE
+    if not report_path.is_file():
+      if pathlib.Path(builder.data_dir).exists():
+        shutil.rmtree(builder.data_dir)  # records without a report: a build cut off before its end
+      tfds.disable_progress_bar()
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(corpus_root)))
+      builder.report.write(report_path)  # written last: its presence marks a finished build
+    return builder, report_path
+
+  builder, report_path = runtime.process_zero_first(build, f"{dataset}/{config} records")
   with open(report_path) as f:
     report = json.load(f)
   if strict and report["num_problems"] - report["num_converted"] > 0:

@@ -3,6 +3,7 @@
 import os
 import pathlib
 
+from exvo_jax import runtime
 from exvo_jax.data import builders
 from exvo_jax.data import demo
 from exvo_jax.data.report import CorpusError
@@ -26,7 +27,8 @@ def locate(root, *, dataset="hume_vb", demo_size="default", demo_seed=0, log=pri
     return path.resolve()
   if dataset != "hume_vb":
     raise CorpusError(f"no folder given for {dataset}; set config.data.root (or EXVO_DATA)")
-  path = demo.ensure_demo_corpus(builders.cache_dir() / "demo", size=demo_size, seed=demo_seed)
+  path = runtime.process_zero_first(
+      lambda: demo.ensure_demo_corpus(builders.cache_dir() / "demo", size=demo_size, seed=demo_seed), "demo corpus")
   log(f"No data configured: using the demo corpus at {path} (set config.data.root or EXVO_DATA to use the "
       "HUME-VB release)")
   return path
