@@ -9,6 +9,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from exvo_jax import runtime
@@ -42,6 +43,8 @@ def main(argv):
   config = FLAGS.config
   if config.task not in TASKS:
     raise app.UsageError(f"config.task is {config.task!r}; known tasks: {', '.join(sorted(TASKS))}")
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 brings that back
+    logging.set_verbosity(logging.WARNING)
   started = runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   workdir = FLAGS.workdir or os.path.join("runs", config.task)
   runtime.check_workdir(workdir)

@@ -1,0 +1,574 @@
+"""Task `generate` (ExVo-Generate): MSG-GAN on log-mel spectrograms, Griffin-Lim to audio, FID / HEEP / S_GEN.
+
+mode=train (default):
+1. The FID classifier: Emo18 trained on the Train split (or reused from a FewShot workdir); its 256-d LSTM output at
+   the last frame is the embedding. The train-vs-val FID matrix across emotions (the paper's Table 3) is written as
+   JSON and a heat-map PNG: it is the floor a generator can reach.
+2. The GAN(s): one conditional generator for all emotions (`generator=conditional`, the emotion intensity vector as
+   input), or one generator per emotion on that emotion's bin (`per_emotion`, the paper's baseline). Training is
+   data-parallel, checkpointed (with the data iterator's position), logs a progress line, and writes spectrogram
+   grids of fixed latents as PNG every `sample_every` steps.
+3. Then sampling and scoring as in mode=sample.
+mode=sample: restores the trained generator(s), writes N clips per emotion as 16 kHz wav files in one folder per
+emotion (the submission layout), a PNG grid of their spectrograms, and scores.json: FID per emotion (generated
+clips vs that emotion's training bin), the generated-vs-train FID matrix (row e: emotion e's generated clips
+against every emotion's training clips; the off-diagonal entries are the shuffled-label control), HEEP and S_GEN
+from a ratings CSV when `ratings_csv` is given, and a classifier-rated HEEP (the same formula with the classifier's
+predicted intensities in place of human ratings), reported as such.
+
+Bins: training clips whose label for an emotion is 1.0 (the dominant emotion of the clip). A conditional generator
+is asked for emotion e with the mean intensity vector of e's training bin, i.e. a typical label of such a clip.
+"""
+
+import csv
+import dataclasses
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import soundfile
+
+from exvo_jax import checkpoint
+from exvo_jax import images
+from exvo_jax import metrics
+from exvo_jax import optim
+from exvo_jax import parallel
+from exvo_jax import runtime
+from exvo_jax import writers
+from exvo_jax.data import augment as augment_lib
+from exvo_jax.data import builders
+from exvo_jax.data import corpus
+from exvo_jax.data import pipeline
+from exvo_jax.data import schema
+from exvo_jax.features import mel
+from exvo_jax.models import emo18
+from exvo_jax.models import msggan
+from exvo_jax.tasks import fewshot
+
+EMOTIONS = schema.EMOTIONS
+SPLITS = ("train", "validation", "test")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GAN state and step.
+
+@flax.struct.dataclass
+class GanState:
+  """One pytree for the GAN: a generator part (params, EMA params, optimiser state) and a discriminator part."""
+  step: jax.Array
+  generator: Any
+  generator_ema: Any
+  generator_opt: Any
+  discriminator: Any
+  discriminator_opt: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Gan:
+  """The two networks and their optimisers (Adam: alternating D then G steps; ExtraAdam: extragradient)."""
+  generator: msggan.Generator
+  discriminator: msggan.Discriminator
+  generator_tx: Any
+  discriminator_tx: Any
+  extragradient: bool
+  ema_decay: float
+
+  @property
+  def conditional(self):
+    return self.generator.num_conditions > 0
+
+
+def make_gan(gan_config, *, conditional):
+  channels = tuple(max(1, c // gan_config.channel_divisor) for c in gan_config.channels)
+  num_conditions = len(EMOTIONS) if conditional else 0
+  if gan_config.optimiser == "extra_adam":
+    make_tx, extragradient = optim.extra_adam, True
+  elif gan_config.optimiser == "adam":
+    make_tx, extragradient = optim.adam, False
+  else:
+    raise ValueError(f"gan.optimiser {gan_config.optimiser!r}: use adam or extra_adam")
+  return Gan(msggan.Generator(channels=channels, num_conditions=num_conditions),
+             msggan.Discriminator(channels=channels, num_conditions=num_conditions),
+             make_tx(gan_config.generator_learning_rate), make_tx(gan_config.discriminator_learning_rate),
+             extragradient, gan_config.ema_decay)
+
+
+def init_gan_state(gan, seed):
+  key_g, key_d = jax.random.split(jax.random.PRNGKey(seed))
+  latent = msggan.sample_latent(key_g, 2)
+  condition = jnp.zeros((2, len(EMOTIONS))) if gan.conditional else None
+  g_params = gan.generator.init(key_g, latent, condition)["params"]
+  fake = gan.generator.apply({"params": g_params}, latent, condition)
+  d_params = gan.discriminator.init(key_d, fake, condition)["params"]
+  return GanState(step=jnp.zeros((), jnp.int32), generator=g_params, generator_ema=jax.tree.map(jnp.copy, g_params),
+                  generator_opt=gan.generator_tx.init(g_params), discriminator=d_params,
+                  discriminator_opt=gan.discriminator_tx.init(d_params))
+
+
+def make_gan_step(gan, *, global_batch, seed):
+  """The per-device step `(state, batch) -> (state, metrics)`; batch: audio [b, CLIP_SAMPLES], condition [b, 10].
+
+  The log-mel of the real clips is computed inside the step. Latents are drawn for the whole global batch from
+  (seed, step) and each device takes its rows, so the step does not depend on the number of devices.
+  """
+  def latents(step, local_batch):
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    every = msggan.sample_latent(key, global_batch)
+    start = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch
+    return jax.lax.dynamic_slice_in_dim(every, start, local_batch)
+
+  def scores(g_params, d_params, real_pyramid, latent, condition):
+    fake = gan.generator.apply({"params": g_params}, latent, condition)
+    real_scores = gan.discriminator.apply({"params": d_params}, real_pyramid, condition)
+    fake_scores = gan.discriminator.apply({"params": d_params}, fake, condition)
+    return real_scores, fake_scores
+
+  def d_loss_fn(d_params, g_params, *inputs):
+    real_scores, fake_scores = scores(jax.lax.stop_gradient(g_params), d_params, *inputs)
+    return msggan.rahinge_discriminator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
+
+  def g_loss_fn(g_params, d_params, *inputs):
+    real_scores, fake_scores = scores(g_params, jax.lax.stop_gradient(d_params), *inputs)
+    return msggan.rahinge_generator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
+
+  def grads(fn, wrt, other, inputs):
+    loss, grad = jax.value_and_grad(fn)(wrt, other, *inputs)
+    return jax.lax.pmean(loss, parallel.DATA_AXIS), jax.lax.pmean(grad, parallel.DATA_AXIS)
+
+  def step(state, batch):
+    real = to_image(mel.log_mel(batch["audio"]))[..., None]
+    inputs = (msggan.image_pyramid(real), latents(state.step, real.shape[0]),
+              batch["condition"] if gan.conditional else None)
+    g, d = state.generator, state.discriminator
+    if gan.extragradient:
+      _, d_grad = grads(d_loss_fn, d, g, inputs)
+      _, g_grad = grads(g_loss_fn, g, d, inputs)
+      d_half, d_opt = gan.discriminator_tx.extrapolate(d_grad, state.discriminator_opt, d)
+      g_half, g_opt = gan.generator_tx.extrapolate(g_grad, state.generator_opt, g)
+      d_loss, d_grad = grads(d_loss_fn, d_half, g_half, inputs)
+      g_loss, g_grad = grads(g_loss_fn, g_half, d_half, inputs)
+      d, d_opt = gan.discriminator_tx.update(d_grad, d_opt)
+      g, g_opt = gan.generator_tx.update(g_grad, g_opt)
+    else:  # alternating: the discriminator first, then the generator against the updated discriminator
+      d_loss, d_grad = grads(d_loss_fn, d, g, inputs)
+      updates, d_opt = gan.discriminator_tx.update(d_grad, state.discriminator_opt, d)
+      d = jax.tree.map(jnp.add, d, updates)
+      g_loss, g_grad = grads(g_loss_fn, g, d, inputs)
+      updates, g_opt = gan.generator_tx.update(g_grad, state.generator_opt, g)
+      g = jax.tree.map(jnp.add, g, updates)
+    ema = jax.tree.map(lambda e, p: gan.ema_decay * e + (1.0 - gan.ema_decay) * p, state.generator_ema, g)
+    new_state = GanState(step=state.step + 1, generator=g, generator_ema=ema, generator_opt=g_opt,
+                         discriminator=d, discriminator_opt=d_opt)
+    return new_state, {"d_loss": d_loss, "g_loss": g_loss}
+
+  return step
+
+
+def to_image(log_mel):
+  """Stored log-mel values -> the GAN's scale: the padding value (silence) -> -1, 0 (a loud band) -> +1.
+
+  The stored values run from log(1e-6)/2 = -6.9 to about +2; the networks' outputs start near 0 with unit spread.
+  """
+  return 2.0 * (log_mel - mel.PAD_VALUE) / -mel.PAD_VALUE - 1.0
+
+
+def from_image(image):
+  """The inverse of `to_image`."""
+  return (image + 1.0) * -mel.PAD_VALUE / 2.0 + mel.PAD_VALUE
+
+
+def make_generate_fn(gan):
+  """Jitted `(g_params, latent [n, 512], condition [n, 10] | None) -> log-mel [n, 128, 512]` (the top scale)."""
+  @jax.jit
+  def generate(g_params, latent, condition):
+    return from_image(gan.generator.apply({"params": g_params}, latent, condition)[-1][..., 0])
+  return generate
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data.
+
+class Subset:
+  """Rows `indices` of a random-access source, itself random-access (grain reads it lazily)."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+def emotion_bins(split):
+  """{emotion: indices of the split's labelled clips whose label for it is 1.0}."""
+  labels = np.nan_to_num(split.labels.astype(np.float64), nan=-1.0)
+  return {e: np.flatnonzero(split.labelled & (labels[:, k] >= 1.0)) for k, e in enumerate(EMOTIONS)}
+
+
+def _device_batch(batch):
+  return {"audio": batch["audio"], "condition": batch["emotions"].astype(np.float32)}
+
+
+def _augmentation(config):
+  a = config.augment
+  augmentation = augment_lib.Augmentation(speed=a.speed, pitch_semitones=a.pitch_semitones,
+                                          shift_seconds=a.shift_seconds, noise_std=a.noise_std)
+  return augmentation if augmentation.active else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training.
+
+def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None, log=print):
+  """Trains one GAN on `source` (the clips of its bin, or all training clips); returns its final state."""
+  gc = config.gan
+  processes = jax.process_count()
+  if gc.batch_size % mesh.size:
+    raise ValueError(f"gan.batch_size {gc.batch_size} is not divisible by the {mesh.size} devices; set "
+                     "--config.gan.batch_size to a multiple of the device count")
+  if len(source) < gc.batch_size:
+    raise ValueError(f"GAN {name!r}: {len(source)} training clips, fewer than one batch of {gc.batch_size}; "
+                     "lower --config.gan.batch_size or leave this emotion out (--config.emotions)")
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  make_state = lambda: init_gan_state(gan, config.seed)  # noqa: E731
+  abstract = jax.eval_shape(make_state)
+  directory = os.path.join(workdir, "checkpoints", f"gan_{name}")
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=2)
+  batches = pipeline.make_pipeline(
+      source, batch_size=gc.batch_size // processes, train=True, seed=config.seed,
+      audio=pipeline.AudioOptions(clip_samples=mel.CLIP_SAMPLES, random_crop=True),
+      shard_index=jax.process_index(), shard_count=processes, augment=_augmentation(config))
+  iterator = iter(batches)
+  resumed = ckpt.restore_latest(checkpoint.with_sharding(abstract, replicated))
+  if resumed is None:
+    state, done = parallel.replicate(make_state(), mesh), 0
+  else:
+    done, state, extra = resumed
+    iterator.set_state(extra["data"])
+    log(f"GAN {name}: resumed after step {done}")
+  step = parallel.data_parallel(make_gan_step(gan, global_batch=gc.batch_size, seed=config.seed), mesh)
+  generate = make_generate_fn(gan)
+  grid_latent = msggan.sample_latent(jax.random.PRNGKey(config.seed + 1), gc.grid_size)
+  grid_condition = None
+  if gan.conditional:
+    grid_condition = jnp.asarray(np.resize(grid_conditions, (gc.grid_size, len(EMOTIONS))), jnp.float32)
+  samples_dir = os.path.join(workdir, "train_samples")
+  os.makedirs(samples_dir, exist_ok=True)
+  metrics_log = writers.MetricsLog(os.path.join(workdir, f"metrics_log_gan_{name}.jsonl"))
+  progress = writers.Progress(gc.steps, what="steps", per_item=("clips", gc.batch_size), every_s=gc.log_every_s)
+  last = None
+  for i in range(done + 1, gc.steps + 1):
+    batch = parallel.global_batch_from_local(_device_batch(next(iterator)), mesh)
+    state, step_metrics = step(state, batch)
+    if i % gc.log_every == 0 or i == gc.steps:
+      last = {k: float(v) for k, v in step_metrics.items()}
+      runtime.check_finite(last, step=i, what=f"GAN {name}", checkpoint_dir=directory,
+                           last_good_step=ckpt.latest_step())
+      metrics_log.write(i, **last)
+    progress.update(i, extra=f"GAN {name}" + (f" | D {last['d_loss']:.3f} G {last['g_loss']:.3f}" if last else ""))
+    if i % gc.sample_every == 0 or i == gc.steps:
+      grid = np.asarray(generate(state.generator_ema, grid_latent, grid_condition))
+      images.write_png(os.path.join(samples_dir, f"{name}_step{i:06d}.png"),
+                       images.spectrogram_grid(grid, columns=min(gc.grid_size, 5), vmin=mel.PAD_VALUE))
+    stop = i < gc.steps and runtime.preemption.should_stop()
+    if i % gc.checkpoint_every == 0 or i == gc.steps or stop:
+      # Checked before saving, so a saved state never holds non-finite losses.
+      runtime.check_finite({k: float(v) for k, v in step_metrics.items()}, step=i, what=f"GAN {name}",
+                           checkpoint_dir=directory, last_good_step=ckpt.latest_step())
+      ckpt.save(i, state, extra={"data": iterator.get_state()})
+    if stop:
+      ckpt.close()
+      raise runtime.Preempted(f"GAN {name} saved at step {i} of {gc.steps} in {directory}")
+  ckpt.close()
+  return state
+
+
+def restore_gan(config, gan, name, mesh, workdir):
+  """The trained GAN state from `workdir`, or a clear error when it has not been trained."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  directory = os.path.join(workdir, "checkpoints", f"gan_{name}")
+  with checkpoint.Checkpointer(directory) as ckpt:
+    abstract = jax.eval_shape(lambda: init_gan_state(gan, config.seed))
+    resumed = ckpt.restore_latest(checkpoint.with_sharding(abstract, replicated))
+  if resumed is None:
+    raise FileNotFoundError(f"mode=sample: no trained GAN {name!r} in {directory}; train it first with the same "
+                            "--workdir (mode=train)")
+  if resumed[0] < config.gan.steps:
+    print(f"GAN {name}: sampling from step {resumed[0]} of {config.gan.steps} (training was not finished)")
+  return resumed[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The FID classifier and the scores.
+
+def classifier_config(config):
+  """The sub-config `fewshot.train_base` reads, from config.classifier."""
+  c = config.classifier
+  result = ml_collections.ConfigDict({
+      "seed": config.seed, "learning_rate": c.learning_rate, "batch_size": c.batch_size,
+      "eval_batch_size": c.eval_batch_size, "max_seconds": c.max_seconds, "num_epochs": c.num_epochs,
+      "log_every_s": config.gan.log_every_s, "val_split": "validation"})
+  return result
+
+
+def train_classifier(config, splits, mesh, workdir):
+  """Emo18 on Train (best epoch by validation mean CCC); reused when config.classifier.workdir holds one."""
+  target = fewshot.make_target("hume_vb")
+  model = emo18.Emo18(num_outputs=target.num_outputs, hidden=config.classifier.hidden,
+                      bn_axis_name=parallel.DATA_AXIS)
+  directory = config.classifier.workdir or os.path.join(workdir, "classifier")
+  variables, history, predict_fn = fewshot.train_base(classifier_config(config), model, target, splits, mesh,
+                                                      directory)
+  return parallel.replicate(variables, mesh), history, predict_fn
+
+
+def embed(predict_fn, variables, source, config, mesh):
+  """(predicted intensities [N, 10], embeddings [N, 256]) of every clip of `source`, in order."""
+  if not len(source):
+    return np.zeros((0, len(EMOTIONS)), np.float32), np.zeros((0, config.classifier.hidden), np.float32)
+  options = pipeline.AudioOptions(max_samples=int(config.classifier.max_seconds * schema.SAMPLE_RATE),
+                                  pad_multiple=emo18.FRAME_SAMPLES)
+  eval_batch = max(config.classifier.eval_batch_size // mesh.size, 1) * mesh.size
+  split = fewshot.Split(source, None, None, None, None)
+  return fewshot.predict_split(predict_fn, variables, split, options, eval_batch)
+
+
+def fid_matrix(rows, columns, min_clips=2):
+  """FID between every pair of embedding sets: [len(rows), len(columns)], NaN where a set has < min_clips."""
+  result = np.full((len(rows), len(columns)), np.nan)
+  for i, a in enumerate(rows):
+    for j, b in enumerate(columns):
+      if len(a) >= min_clips and len(b) >= min_clips:
+        result[i, j] = float(metrics.fid(a, b))
+  return result
+
+
+def read_ratings(path, file_ids):
+  """Mean human intensity ratings [N, 10] for `file_ids` (wav stems) from a CSV of File_ID + the 10 emotions."""
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in ("File_ID", *EMOTIONS) if c not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f"{path}: missing columns {missing}; expected File_ID and the ten emotions "
+                       f"({', '.join(EMOTIONS)})")
+    rows = {}
+    for line, row in enumerate(reader, start=2):
+      key = os.path.splitext(os.path.basename(row["File_ID"].strip("[]")))[0]
+      try:
+        rows[key] = [float(row[e]) for e in EMOTIONS]
+      except ValueError as error:
+        raise ValueError(f"{path} row {line}: {error}; ratings must be numbers") from None
+  absent = [i for i in file_ids if i not in rows]
+  if absent:
+    raise ValueError(f"{path}: no ratings for {len(absent)} generated clips, e.g. {absent[:3]}; rate every clip "
+                     "of the samples folder (File_ID = the wav file's name)")
+  return np.array([rows[i] for i in file_ids])
+
+
+def heep_and_s_gen(ratings, fids, emotion_of):
+  """Per emotion: HEEP over that emotion's clips (Pearson of one-hot targets vs ratings) and S_GEN."""
+  result = {}
+  for k, e in enumerate(EMOTIONS):
+    rows = emotion_of == k
+    if not rows.any():
+      continue
+    onehot = np.zeros((rows.sum(), len(EMOTIONS)))
+    onehot[:, k] = 1.0
+    heep = float(metrics.heep(onehot, ratings[rows]))
+    result[e] = {"heep": heep, "s_gen": float(metrics.s_gen(fids[e], heep)) if np.isfinite(fids[e]) else None}
+  return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling.
+
+def to_int16(audio):
+  """float [n] -> int16 at a peak of 0.9 (Griffin-Lim output has no meaningful absolute level)."""
+  peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+  scaled = audio * (0.9 / peak) if peak > 0 else audio
+  return np.round(np.clip(scaled, -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def sample_clips(config, gan, g_params, emotion, condition, out_dir):
+  """Writes config.sample.num_per_emotion wav files for `emotion`; returns (records, log-mels [N, 128, 512])."""
+  s = config.sample
+  generate = make_generate_fn(gan)
+  invert = jax.jit(lambda m: mel.mel_to_audio(m, num_iters=s.griffin_lim_iters, seed=config.seed))
+  key = jax.random.fold_in(jax.random.PRNGKey(s.seed), EMOTIONS.index(emotion))
+  latents = msggan.sample_latent(key, s.num_per_emotion)
+  folder = os.path.join(out_dir, emotion)
+  if writers.is_writer():
+    os.makedirs(folder, exist_ok=True)
+  records, spectrograms = [], []
+  for start in range(0, s.num_per_emotion, s.batch_size):
+    latent = latents[start:start + s.batch_size]
+    cond = None if condition is None else jnp.broadcast_to(jnp.asarray(condition, jnp.float32),
+                                                           (latent.shape[0], len(EMOTIONS)))
+    spectrogram = generate(g_params, latent, cond)
+    audio = np.asarray(invert(spectrogram))
+    spectrograms.append(np.asarray(spectrogram))
+    for j, clip in enumerate(audio):
+      name = f"{emotion}_{start + j + 1:04d}"
+      pcm = to_int16(clip)
+      if writers.is_writer():
+        soundfile.write(os.path.join(folder, f"{name}.wav"), pcm, schema.SAMPLE_RATE, subtype="PCM_16")
+      records.append({"audio": pcm, "file_id": name, "speaker": "generated"})
+  return records, np.concatenate(spectrograms)
+
+
+def generator_for(config, emotion, bins_mean, gans):
+  """(gan, EMA params, condition vector or None) that produce `emotion`."""
+  if config.generator == "conditional":
+    gan, state = gans["all"]
+    return gan, state.generator_ema, bins_mean[emotion]
+  gan, state = gans[emotion]
+  return gan, state.generator_ema, None
+
+
+def score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated):
+  """The scores JSON: FID per emotion, generated-vs-train matrix (control), classifier HEEP, optional human HEEP.
+
+  train_emb: {emotion: classifier embeddings of that emotion's training bin}.
+  """
+  emotions = [e for e in EMOTIONS if e in generated]
+  predictions, gen_emb, emotion_of, file_ids = [], {}, [], []
+  for e in emotions:
+    outputs, embeddings = embed(predict_fn, classifier_vars, generated[e], config, mesh)
+    gen_emb[e] = embeddings
+    predictions.append(outputs)
+    emotion_of += [EMOTIONS.index(e)] * len(outputs)
+    file_ids += [r["file_id"] for r in generated[e]]
+  predictions, emotion_of = np.concatenate(predictions), np.array(emotion_of)
+  matrix = fid_matrix([gen_emb[e] for e in emotions], [train_emb[e] for e in EMOTIONS])
+  fids = {e: matrix[i, EMOTIONS.index(e)] for i, e in enumerate(emotions)}
+  classifier_rated = heep_and_s_gen(predictions, fids, emotion_of)
+  per_emotion = {}
+  for i, e in enumerate(emotions):
+    k = EMOTIONS.index(e)
+    wrong = np.delete(matrix[i], k)
+    per_emotion[e] = {
+        "fid": fids[e], "control_fid_mean": float(np.nanmean(wrong)) if np.isfinite(wrong).any() else None,
+        "control_fid_min": float(np.nanmin(wrong)) if np.isfinite(wrong).any() else None,
+        "train_clips": int(len(bins[e])), "generated_clips": int(len(gen_emb[e])),
+        "classifier_heep": classifier_rated.get(e, {}).get("heep"),
+        "classifier_s_gen": classifier_rated.get(e, {}).get("s_gen"),
+    }
+  result = {
+      "generator": config.generator, "optimiser": config.gan.optimiser, "steps": config.gan.steps,
+      "per_emotion": per_emotion,
+      "mean_fid": float(np.nanmean([fids[e] for e in emotions])),
+      "mean_control_fid": float(np.nanmean([np.nanmean(np.delete(matrix[i], EMOTIONS.index(e)))
+                                            for i, e in enumerate(emotions)])),
+      "generated_vs_train_fid": {"rows": emotions, "columns": list(EMOTIONS), "fid": matrix},
+      "classifier_heep_all": float(metrics.heep(np.eye(len(EMOTIONS))[emotion_of], predictions)),
+      "classifier_heep_note": "HEEP with the FID classifier's predicted intensities in place of human ratings",
+  }
+  if config.ratings_csv:
+    ratings = read_ratings(config.ratings_csv, file_ids)
+    human = heep_and_s_gen(ratings, fids, emotion_of)
+    for e, values in human.items():
+      per_emotion[e]["heep"], per_emotion[e]["s_gen"] = values["heep"], values["s_gen"]
+    result["mean_s_gen"] = float(np.nanmean([v["s_gen"] for v in human.values() if v["s_gen"] is not None]))
+  return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task.
+
+def format_scores(result):
+  lines = [f"{'emotion':<12} {'FID':>8} {'control':>8} {'HEEP(clf)':>9}"]
+  for e, v in result["per_emotion"].items():
+    control = v["control_fid_mean"]
+    heep = v["classifier_heep"]
+    lines.append(f"{e:<12} {v['fid']:8.3f} {control if control is not None else float('nan'):8.3f} "
+                 f"{heep if heep is not None else float('nan'):9.3f}")
+  lines.append(f"{'mean':<12} {result['mean_fid']:8.3f} {result['mean_control_fid']:8.3f}")
+  return "\n".join(lines)
+
+
+def run(config, workdir):
+  if config.mode not in ("train", "sample"):
+    raise ValueError(f"config.mode {config.mode!r}: use train or sample")
+  if config.generator not in ("conditional", "per_emotion"):
+    raise ValueError(f"config.generator {config.generator!r}: use conditional or per_emotion")
+  data = config.data
+  if data.dataset != "hume_vb":
+    raise ValueError("generate needs the HUME-VB emotion intensities (or the demo corpus); data.dataset "
+                     f"{data.dataset!r} is not supported")
+  root = corpus.locate(data.root, dataset=data.dataset, demo_size=data.demo_size, demo_seed=data.demo_seed)
+  builder, _ = builders.prepare(data.dataset, root, config="audio", data_dir=data.tfds_dir or None,
+                                strict=data.strict)
+  target = fewshot.make_target(data.dataset)
+  splits = {s: fewshot.Split.read(builders.data_source(builder, s), target) for s in SPLITS}
+  mesh = parallel.make_mesh(config.num_devices or None)
+  train = splits["train"]
+  bins = emotion_bins(train)
+  emotions = [e for e in (config.emotions or EMOTIONS)]
+  unknown = set(emotions) - set(EMOTIONS)
+  if unknown:
+    raise ValueError(f"config.emotions: unknown {sorted(unknown)}; known: {', '.join(EMOTIONS)}")
+  labels = np.nan_to_num(train.labels.astype(np.float64))
+  bins_mean = {e: labels[bins[e]].mean(0) if len(bins[e]) else np.eye(len(EMOTIONS))[k]
+               for k, e in enumerate(EMOTIONS)}
+  print(f"generate ({config.mode}): {config.generator} MSG-GAN, {config.gan.optimiser}, {config.gan.steps} steps "
+        f"of {config.gan.batch_size}; train bins " + ", ".join(f"{e} {len(bins[e])}" for e in EMOTIONS)
+        + f"; {mesh.size} device(s)")
+  start = time.monotonic()
+
+  predict_fn, classifier_vars, floor, train_emb = None, None, None, None
+  if config.mode == "train" or config.score:
+    classifier_vars, history, predict_fn = train_classifier(config, splits, mesh, workdir)
+    val = splits["validation"]
+    val_bins = emotion_bins(val)
+    train_emb = {e: embed(predict_fn, classifier_vars, Subset(train.source, bins[e]), config, mesh)[1]
+                 for e in EMOTIONS}
+    val_emb = [embed(predict_fn, classifier_vars, Subset(val.source, val_bins[e]), config, mesh)[1]
+               for e in EMOTIONS]
+    table3 = fid_matrix([train_emb[e] for e in EMOTIONS], val_emb)
+    floor = {"rows": "train bins", "columns": "validation bins", "emotions": list(EMOTIONS), "fid": table3,
+             "train_clips": [len(bins[e]) for e in EMOTIONS], "val_clips": [len(val_bins[e]) for e in EMOTIONS],
+             "classifier_history": history}
+    writers.write_json(os.path.join(workdir, "train_val_fid.json"), floor)
+    images.write_png(os.path.join(workdir, "train_val_fid.png"), images.heat_map(table3))
+    print("train-vs-val FID (rows train, columns val), diagonal: "
+          + ", ".join(f"{e} {table3[k, k]:.2f}" for k, e in enumerate(EMOTIONS)))
+
+  gans = {}
+  names = ["all"] if config.generator == "conditional" else emotions
+  for name in names:
+    gan = make_gan(config.gan, conditional=config.generator == "conditional")
+    if config.mode == "train":
+      source = Subset(train.source, np.flatnonzero(train.labelled) if name == "all" else bins[name])
+      grid = np.stack([bins_mean[e] for e in emotions]) if gan.conditional else None
+      state = train_gan(config, gan, name, source, mesh, workdir, grid_conditions=grid)
+    else:
+      state = restore_gan(config, gan, name, mesh, workdir)
+    gans[name] = (gan, state)
+
+  out_dir = os.path.join(workdir, "samples")
+  generated, grids = {}, []
+  for e in emotions:
+    gan, params, condition = generator_for(config, e, bins_mean, gans)
+    generated[e], spectrograms = sample_clips(config, gan, params, e, condition, out_dir)
+    grids.append(spectrograms[:config.sample.grid_columns])
+  images.write_png(os.path.join(out_dir, "spectrograms.png"),
+                   images.spectrogram_grid(np.concatenate(grids), columns=config.sample.grid_columns,
+                                           vmin=mel.PAD_VALUE))
+  print(f"wrote {sum(len(v) for v in generated.values())} clips to {os.path.abspath(out_dir)} "
+        f"({config.sample.num_per_emotion} per emotion; one row per emotion in spectrograms.png)")
+
+  result = {"mode": config.mode, "samples": out_dir, "seconds": None}
+  if predict_fn is not None:
+    result.update(score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated))
+    result["train_val_fid_diagonal"] = [float(floor["fid"][k, k]) for k in range(len(EMOTIONS))]
+    print(format_scores(result))
+  result["seconds"] = time.monotonic() - start
+  writers.write_json(os.path.join(workdir, "scores.json"), result)
+  return result

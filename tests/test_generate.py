@@ -1,0 +1,212 @@
+"""ExVo-Generate: PNG writer, augmentations, bins, ratings, HEEP/S_GEN, the GAN step, and `:smoke` through main."""
+
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import jax
+import numpy as np
+import optax
+import pytest
+import soundfile
+
+from configs import generate as generate_config
+from exvo_jax import images
+from exvo_jax import metrics
+from exvo_jax import optim
+from exvo_jax import parallel
+from exvo_jax.data import augment
+from exvo_jax.data import schema
+from exvo_jax.features import mel
+from exvo_jax.tasks import fewshot
+from exvo_jax.tasks import generate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _decode_png(data):
+  """Minimal PNG reader for what encode_png writes (8-bit RGB, filter 0): -> uint8 [H, W, 3]."""
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
+  pos, chunks = 8, {}
+  while pos < len(data):
+    length, = struct.unpack(">I", data[pos:pos + 4])
+    kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+    crc, = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+    assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+    chunks[kind] = chunks.get(kind, b"") + body
+    pos += 12 + length
+  width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+  assert (depth, color) == (8, 2)
+  raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + 3 * width)
+  assert (raw[:, 0] == 0).all()
+  return raw[:, 1:].reshape(height, width, 3)
+
+
+def test_png_round_trip_and_heat_map_marks_row_minimum():
+  image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(_decode_png(images.encode_png(image)), image)
+  heat = images.heat_map(np.array([[3.0, 1.0], [0.5, 2.0]]), cell=4)
+  assert heat.shape == (8, 8, 3)
+  assert (heat[0, 4:8] == 255).all() and (heat[4, 0:4] == 255).all()  # frames on (0, 1) and (1, 0)
+  assert not (heat[0, 0:4] == 255).all()
+  grid = images.spectrogram_grid(np.zeros((3, 4, 6)), columns=2, gap=1)
+  assert grid.shape == (2 * 4 + 1, 2 * 6 + 1, 3)
+
+
+def test_augmentations_do_what_they_say():
+  rng = np.random.default_rng(0)
+  audio = np.sin(2 * np.pi * 440 * np.arange(16_000) / 16_000).astype(np.float32)
+  faster = augment.Augmentation(speed=0.2)(audio, np.random.default_rng(1))
+  assert faster.shape != audio.shape and 0.8 * 16_000 <= faster.size <= 1.25 * 16_000
+  shifted = augment.Augmentation(shift_seconds=0.2)(audio, np.random.default_rng(3))
+  delay = shifted.size - audio.size
+  assert 0 < delay <= 3_200 and not shifted[:delay].any()
+  np.testing.assert_array_equal(shifted[delay:], audio)
+  noisy = augment.Augmentation(noise_std=0.01)(audio, rng)
+  assert abs(np.std(noisy - audio) - 0.01) < 1e-3
+  assert not augment.Augmentation().active and augment.Augmentation.reference().active
+  pitched = augment.Augmentation(pitch_semitones=3.0)(audio, np.random.default_rng(2))
+  assert pitched.size == audio.size
+  spectrum = np.abs(np.fft.rfft(pitched))
+  peak_hz = np.argmax(spectrum) * 16_000 / pitched.size
+  assert abs(peak_hz - 440) > 5 and 440 * 2 ** (-3 / 12) - 5 <= peak_hz <= 440 * 2 ** (3 / 12) + 5
+
+
+def test_emotion_bins_take_clips_labelled_one():
+  labels = np.zeros((4, 10), np.float32)
+  labels[0, 2] = labels[1, 2] = labels[2, 5] = 1.0
+  labels[3, 2] = 0.99
+  split = fewshot.Split(None, np.array(["a"] * 4), np.array(["s"] * 4), labels, np.array([True, True, True, False]))
+  bins = generate.emotion_bins(split)
+  assert bins["Amusement"].tolist() == [0, 1] and bins["Horror"].tolist() == [2] and not len(bins["Awe"])
+
+
+def test_heep_and_s_gen_follow_the_formulas(tmp_path):
+  rng = np.random.default_rng(0)
+  ratings = rng.uniform(size=(6, 10))
+  emotion_of = np.array([0, 0, 0, 3, 3, 3])
+  fids = {e: 2.0 for e in schema.EMOTIONS}
+  result = generate.heep_and_s_gen(ratings, fids, emotion_of)
+  onehot = np.zeros((3, 10))
+  onehot[:, 3] = 1
+  expected = np.corrcoef(onehot.ravel(), ratings[3:].ravel())[0, 1]
+  assert result["Awkwardness"]["heep"] == pytest.approx(expected, abs=1e-6)
+  assert result["Awkwardness"]["s_gen"] == pytest.approx((1 / 2.0 + expected) / 2, abs=1e-6)
+  assert set(result) == {"Awe", "Awkwardness"}
+  # Ratings CSV: names match by wav stem; a missing clip and a non-numeric value are named.
+  path = tmp_path / "ratings.csv"
+  path.write_text("File_ID," + ",".join(schema.EMOTIONS) + "\nAwe_0001.wav," + ",".join(["0.5"] * 10) + "\n")
+  np.testing.assert_allclose(generate.read_ratings(str(path), ["Awe_0001"]), [[0.5] * 10])
+  with pytest.raises(ValueError, match="no ratings for 1 generated clips"):
+    generate.read_ratings(str(path), ["Awe_0001", "Awe_0002"])
+  path.write_text("File_ID," + ",".join(schema.EMOTIONS) + "\nAwe_0001," + ",".join(["x"] * 10) + "\n")
+  with pytest.raises(ValueError, match="row 2"):
+    generate.read_ratings(str(path), ["Awe_0001"])
+
+
+def _smoke_gan(conditional, optimiser):
+  config = generate_config.get_config(f"smoke,optimiser={optimiser}")
+  return generate.make_gan(config.gan, conditional=conditional), config
+
+
+@pytest.mark.parametrize("optimiser", ["adam", "extra_adam"])
+def test_gan_step_is_the_same_on_1_and_8_devices(optimiser):
+  """Both step kinds (alternating, extragradient) with SGD inside: Adam's first steps are +-lr whatever the
+  gradient's size, so rounding-level gradient differences would show as lr-sized parameter differences."""
+  gan, _ = _smoke_gan(True, optimiser)
+  sgd = optax.sgd(1e-2)
+  inner = optim.extragradient(sgd) if gan.extragradient else sgd
+  gan = dataclasses.replace(gan, generator_tx=inner, discriminator_tx=inner)
+  rng = np.random.default_rng(0)
+  # 32 clips: 4 per device on 8 devices, one minibatch-stddev group each.
+  batch = {"audio": (0.3 * rng.standard_normal((32, mel.CLIP_SAMPLES))).astype(np.float32),
+           "condition": rng.uniform(size=(32, 10)).astype(np.float32)}
+  results = []
+  for devices in (1, 8):
+    mesh = parallel.make_mesh(devices)
+    step = parallel.data_parallel(generate.make_gan_step(gan, global_batch=32, seed=0), mesh)
+    state = parallel.replicate(generate.init_gan_state(gan, 0), mesh)
+    state, step_metrics = step(state, parallel.shard_batch(batch, mesh))
+    results.append((jax.device_get(state), {k: float(v) for k, v in step_metrics.items()}))
+  (one, m1), (eight, m8) = results
+  assert int(one.step) == 1
+  for a, b in zip(jax.tree.leaves(one.generator) + jax.tree.leaves(one.discriminator),
+                  jax.tree.leaves(eight.generator) + jax.tree.leaves(eight.discriminator)):
+    # Summation order differs (~1e-6 after one gradient). The extragradient step takes its second gradient at
+    # the extrapolated point, and these tiny networks' gradients (pixel norm over 4-16 channels) amplify that
+    # 1e-6 about 100-fold (measured 2e-4 at most), hence the looser bound there.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-4 if optimiser == "extra_adam" else 1e-5)
+  assert m1 == pytest.approx(m8, rel=1e-3 if optimiser == "extra_adam" else 1e-5)
+
+
+def test_discriminator_learns_to_tell_real_from_generated():
+  """A few steps on one fixed batch: the discriminator's RaHinge loss falls from its start near 2."""
+  gan, _ = _smoke_gan(False, "adam")
+  t = np.arange(mel.CLIP_SAMPLES) / 16_000
+  batch = {"audio": np.stack([np.sin(2 * np.pi * (300 + 50 * i) * t) for i in range(8)]).astype(np.float32),
+           "condition": np.zeros((8, 10), np.float32)}
+  mesh = parallel.make_mesh(1)
+  step = parallel.data_parallel(generate.make_gan_step(gan, global_batch=8, seed=0), mesh)
+  state = parallel.replicate(generate.init_gan_state(gan, 0), mesh)
+  losses = []
+  for _ in range(15):
+    state, step_metrics = step(state, parallel.shard_batch(batch, mesh))
+    losses.append(float(step_metrics["d_loss"]))
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < losses[0] - 0.3, losses
+
+
+def test_smoke_run_trains_samples_and_scores(tmp_path):
+  """`configs/generate.py:smoke` through main: wav folders, headers, lengths, not silent; finite FID per emotion;
+  then mode=sample restores the same GAN and writes the same clips."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  command = [sys.executable, "-m", "exvo_jax.main", "--config=configs/generate.py:smoke", f"--workdir={workdir}"]
+  done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  scores = json.loads((workdir / "scores.json").read_text())
+  config = generate_config.get_config("smoke")
+  per_emotion = scores["per_emotion"]
+  assert set(per_emotion) == set(schema.EMOTIONS)
+  for emotion in schema.EMOTIONS:
+    assert np.isfinite(per_emotion[emotion]["fid"]) and per_emotion[emotion]["fid"] > 0
+    folder = workdir / "samples" / emotion
+    files = sorted(folder.glob("*.wav"))
+    assert len(files) == config.sample.num_per_emotion
+    for path in files:
+      info = soundfile.info(str(path))
+      assert (info.samplerate, info.channels, info.subtype) == (16_000, 1, "PCM_16")
+      assert info.frames == mel.CLIP_SAMPLES
+      audio, _ = soundfile.read(str(path), dtype="int16")
+      assert np.abs(audio).max() > 1000  # not silent
+  assert (workdir / "samples" / "spectrograms.png").read_bytes()[:4] == b"\x89PNG"
+  assert (workdir / "train_val_fid.png").exists()
+  table3 = json.loads((workdir / "train_val_fid.json").read_text())
+  assert np.array(table3["fid"], dtype=float).shape == (10, 10)
+  first = soundfile.read(str(workdir / "samples" / "Awe" / "Awe_0001.wav"), dtype="int16")[0]
+
+  (workdir / "samples" / "Awe" / "Awe_0001.wav").unlink()
+  again = subprocess.run(command[:-1] + [f"--workdir={workdir}", "--config.mode=sample"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  np.testing.assert_array_equal(soundfile.read(str(workdir / "samples" / "Awe" / "Awe_0001.wav"),
+                                               dtype="int16")[0], first)
+
+
+def test_sample_mode_without_a_trained_gan_says_what_to_do(tmp_path):
+  gan, config = _smoke_gan(True, "adam")
+  mesh = parallel.make_mesh(1)
+  with pytest.raises(FileNotFoundError, match="train it first"):
+    generate.restore_gan(config, gan, "all", mesh, str(tmp_path))
+
+
+def test_fid_matrix_marks_small_bins_nan():
+  rng = np.random.default_rng(0)
+  a, b, tiny = rng.normal(size=(40, 3)), rng.normal(1.0, 1.0, size=(40, 3)), rng.normal(size=(1, 3))
+  matrix = generate.fid_matrix([a, b], [a, b, tiny])
+  assert matrix[0, 0] == pytest.approx(0.0, abs=1e-6) and matrix[0, 1] > 1.0 and np.isnan(matrix[0, 2])
+  assert matrix[0, 1] == pytest.approx(float(metrics.fid(a, b)))
