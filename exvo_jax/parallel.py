@@ -156,7 +156,7 @@ def to_host(tree: Any) -> Any:
 
 def predict_all(predict: Callable[[Any], Any], num_records: int, mesh: Mesh, *, batch_size: int,
                 make_batches: Callable[[int, int, int], Any], fields: Sequence[str],
-                outputs: Sequence[str]) -> tuple[np.ndarray, ...]:
+                outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
   """Runs `predict` over every record of a split, each process on its own shard; all outputs on every process.
 
   Args:
@@ -167,20 +167,20 @@ def predict_all(predict: Callable[[Any], Any], num_records: int, mesh: Mesh, *, 
     make_batches: `(shard_index, shard_count, local_batch) -> iterable of evaluation batches` of that shard
       (`record shard_index + k * shard_count` is row k of the shard), padded with `valid=False` rows.
     fields: the batch fields `predict` takes.
-    outputs: keys of `predict`'s result to return.
+    outputs: keys of `predict`'s result to return; None: all of them.
   Returns:
-    One numpy array per key of `outputs`, rows in record order.
+    {key: numpy array}, rows in record order.
   """
   count, index = jax.process_count(), jax.process_index()
   if batch_size % count:
     raise ValueError(f"evaluation batch {batch_size} is not divisible by the {count} processes")
   local = batch_size // count
-  collected, valid, records = {k: [] for k in outputs}, [], []
+  collected, valid, records = {}, [], []
   for step, batch in enumerate(make_batches(index, count, local)):
     result = to_host({k: v for k, v in predict(global_batch_from_local(
-        {f: batch[f] for f in fields}, mesh)).items() if k in outputs})
-    for k in outputs:
-      collected[k].append(result[k])
+        {f: batch[f] for f in fields}, mesh)).items() if outputs is None or k in outputs})
+    for k, v in result.items():
+      collected.setdefault(k, []).append(v)
     flags = np.asarray(batch["valid"])
     if count > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -190,7 +190,7 @@ def predict_all(predict: Callable[[Any], Any], num_records: int, mesh: Mesh, *, 
     records.append((rows[None, :] * count + np.arange(count)[:, None]).reshape(-1))
   valid, records = np.concatenate(valid), np.concatenate(records)
   order = np.argsort(records[valid], kind="stable")
-  result = tuple(np.concatenate(collected[k])[valid][order] for k in outputs)
+  result = {k: np.concatenate(v)[valid][order] for k, v in collected.items()}
   if len(order) != num_records:
     raise RuntimeError(f"prediction covered {len(order)} of {num_records} records")
   return result

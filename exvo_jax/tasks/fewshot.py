@@ -207,13 +207,13 @@ def predict_split(predict_fn, variables, split, options, batch_size):
 
   `batch_size` is global. In a multi-process run every process predicts its own shard and receives all outputs.
   """
-  outputs, embeddings = parallel.predict_all(
+  result = parallel.predict_all(
       lambda batch: predict_fn(variables, batch), len(split.source), predict_fn.mesh, batch_size=batch_size,
       make_batches=lambda shard_index, shard_count, local_batch: pipeline.make_pipeline(
           split.source, batch_size=local_batch, train=False, audio=options, shard_index=shard_index,
           shard_count=shard_count),
       fields=("audio", "length"), outputs=("outputs", "embedding"))
-  return outputs, embeddings
+  return result["outputs"], result["embedding"]
 
 
 def train_base(config, model, target, splits, mesh, workdir, log=print):

@@ -23,6 +23,7 @@ from flax.training import train_state
 from exvo_jax import checkpoint
 from exvo_jax import metrics
 from exvo_jax import parallel
+from exvo_jax import runtime
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
@@ -176,13 +177,13 @@ def make_predict_step(model):
 
 
 def predict(predict_fn, params, table, batch_size):
-  """Predictions for every row of `table`: {head: [N, ...]} numpy arrays."""
+  """Predictions for every row of `table`: {head: [N, ...]} numpy arrays (every process gets all of them)."""
   records = table.records()
-  outputs = {}
-  for batch in pipeline.make_pipeline(records, batch_size=batch_size, train=False):
-    for k, v in predict_fn(params, {"features": batch["features"]}).items():
-      outputs.setdefault(k, []).append(np.asarray(v)[batch["valid"]])
-  return {k: np.concatenate(v) for k, v in outputs.items()}
+  return parallel.predict_all(
+      lambda batch: predict_fn(params, batch), len(records), predict_fn.mesh, batch_size=batch_size,
+      make_batches=lambda index, count, local: pipeline.make_pipeline(
+          records, batch_size=local, train=False, shard_index=index, shard_count=count),
+      fields=("features",))
 
 
 def score(predictions, table):
@@ -242,22 +243,37 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
   steps_per_epoch = len(records) // config.batch_size
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
   keys = ("features", *objective.label_keys)
+  processes = jax.process_count()
+  if config.batch_size % processes:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
   while extra["epoch"] < config.num_epochs and extra["bad_epochs"] < config.patience:
     epoch = extra["epoch"] + 1
-    # One pipeline per epoch, seeded by (seed, epoch): a run resumed at an epoch boundary sees the same batches.
-    batches = pipeline.make_pipeline(records, batch_size=config.batch_size, train=True, num_epochs=1,
-                                     seed=seed * 1000 + epoch)
+    # One pipeline per epoch, seeded by (seed, epoch); each process reads its rows of every global batch.
+    batches = iter(pipeline.make_pipeline(records, batch_size=config.batch_size // processes, train=True,
+                                          num_epochs=1, seed=seed * 1000 + epoch, shard_index=jax.process_index(),
+                                          shard_count=processes))
     progress = writers.Progress(steps_per_epoch, what="steps", per_item=("clips", config.batch_size),
                                 every_s=config.log_every_s)
-    losses_sum, count = 0.0, 0
-    for i, batch in enumerate(batches, start=1):
-      state, step_metrics = step(state, parallel.shard_batch({k: batch[k] for k in keys}, mesh))
+    position = extra.pop("position", None)
+    first, losses_sum, count = 1, 0.0, 0
+    if position is not None:  # resume mid-epoch at the batch after the last one trained
+      batches.set_state(position["data"])
+      first, losses_sum, count = position["step"] + 1, position["losses_sum"], position["count"]
+    for i, batch in enumerate(batches, start=first):
+      state, step_metrics = step(state, parallel.global_batch_from_local({k: batch[k] for k in keys}, mesh))
+      # The loss and SIGTERM are looked at every 50 steps: these steps take well under a millisecond.
       if i % 50 == 0 or i == steps_per_epoch:
         loss = float(step_metrics["loss"])
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"seed {seed} epoch {epoch} step {i}: loss is {loss}; the last good checkpoint "
-                                   f"is kept in {ckpt.directory} (lower the learning rate or check the features)")
+        runtime.check_finite({"loss": loss}, step=(epoch - 1) * steps_per_epoch + i,
+                             what=f"seed {seed} epoch {epoch}", checkpoint_dir=ckpt.directory,
+                             last_good_step=ckpt.latest_step())
         losses_sum, count = losses_sum + loss, count + 1
+        if i < steps_per_epoch and runtime.preemption.should_stop():
+          ckpt.save((epoch - 1) * steps_per_epoch + i, state, extra={**extra, "position": {
+              "step": i, "data": batches.get_state(), "losses_sum": losses_sum, "count": count}})
+          ckpt.close()
+          raise runtime.Preempted(f"seed {seed} saved at epoch {epoch}, step {i} of {steps_per_epoch}, in "
+                                  f"{ckpt.directory}")
       progress.update(i, extra=f"seed {seed} epoch {epoch}")
     val = objective.score(predict(predict_fn, state.params, tables["validation"], eval_batch),
                           tables["validation"])
@@ -266,9 +282,12 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
              "best_epoch": epoch if improved else extra["best_epoch"],
              "bad_epochs": 0 if improved else extra["bad_epochs"] + 1,
              "history": extra["history"] + [{"epoch": epoch, "train_loss": losses_sum / max(count, 1), **val}]}
-    ckpt.save(epoch, state, metrics={objective.select: val[objective.select]}, extra=extra)
+    ckpt.save(epoch * steps_per_epoch, state, metrics={objective.select: val[objective.select]}, extra=extra)
     log(f"seed {seed} epoch {epoch}: train loss {extra['history'][-1]['train_loss']:.4f} | val " +
         " ".join(f"{k} {v:.4f}" for k, v in val.items()) + (" *" if improved else ""))
+    if extra["epoch"] < config.num_epochs and runtime.preemption.should_stop():
+      ckpt.close()
+      raise runtime.Preempted(f"seed {seed} saved after epoch {epoch} in {ckpt.directory}")
   best_state = ckpt.restore_best(checkpoint.with_sharding(abstract, replicated))
   ckpt.close()
   best = next(h for h in extra["history"] if h["epoch"] == extra["best_epoch"])
