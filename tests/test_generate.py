@@ -15,6 +15,7 @@ import pytest
 import soundfile
 
 from configs import generate as generate_config
+from exvo_jax import end_to_end
 from exvo_jax import images
 from exvo_jax import metrics
 from exvo_jax import optim
@@ -22,7 +23,6 @@ from exvo_jax import parallel
 from exvo_jax.data import augment
 from exvo_jax.data import schema
 from exvo_jax.features import mel
-from exvo_jax.tasks import fewshot
 from exvo_jax.tasks import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ def test_emotion_bins_take_clips_labelled_one():
   labels = np.zeros((4, 10), np.float32)
   labels[0, 2] = labels[1, 2] = labels[2, 5] = 1.0
   labels[3, 2] = 0.99
-  split = fewshot.Split(None, np.array(["a"] * 4), np.array(["s"] * 4), labels, np.array([True, True, True, False]))
+  split = end_to_end.Split(None, np.array(["a"] * 4), np.array(["s"] * 4), labels, np.array([True, True, True, False]))
   bins = generate.emotion_bins(split)
   assert bins["Amusement"].tolist() == [0, 1] and bins["Horror"].tolist() == [2] and not len(bins["Awe"])
 

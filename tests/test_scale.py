@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import fewshot as fewshot_config
+from exvo_jax import end_to_end
 from exvo_jax import checkpoint
 from exvo_jax import parallel
 from exvo_jax import runtime
@@ -23,7 +24,6 @@ from exvo_jax.data import builders
 from exvo_jax.data import corpus
 from exvo_jax.data import pipeline
 from exvo_jax.models import emo18
-from exvo_jax.tasks import fewshot
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMOKE = "configs/fewshot.py:smoke"
@@ -180,15 +180,15 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
   config.num_epochs, config.batch_size = 3, 4
   root = corpus.locate("", dataset="hume_vb", demo_size="tiny", demo_seed=0)
   builder, _ = builders.prepare("hume_vb", root, config="audio")
-  target = fewshot.make_target("hume_vb")
-  splits = {s: fewshot.Split.read(builders.data_source(builder, s), target) for s in ("train", "validation")}
+  target = end_to_end.make_target("hume_vb")
+  splits = {s: end_to_end.Split.read(builders.data_source(builder, s), target) for s in ("train", "validation")}
   steps_per_epoch = len(splits["train"].source) // config.batch_size
   # Reads: 1 for the initial shapes, then epoch 1's batches; the NaN comes in the 3rd batch of epoch 2.
   splits["train"].source = _PoisonAfter(splits["train"].source, after=1 + (steps_per_epoch + 2) * 4)
   model = emo18.Emo18(num_outputs=10, hidden=config.hidden, bn_axis_name=parallel.DATA_AXIS)
   mesh = parallel.make_mesh(1)
   with pytest.raises(runtime.NonFiniteLoss) as error:
-    fewshot.train_base(config, model, target, splits, mesh, str(tmp_path), log=lambda *_: None)
+    end_to_end.train_base(config, model, target, splits, mesh, str(tmp_path), log=lambda *_: None)
   message = str(error.value)
   # grain reads a little ahead, so the poisoned batch is the 3rd of epoch 2 or one of the two before it.
   step = int(message.split(" step ")[1].split(":")[0])
@@ -198,7 +198,7 @@ def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
   ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints" / "base", best_metric="mean_ccc")
   sample = splits["train"].batch([0], pipeline.AudioOptions())
   variables = model.init(jax.random.PRNGKey(0), sample["audio"], sample["length"], train=False)
-  abstract = jax.eval_shape(lambda: fewshot.TrainState.create(
+  abstract = jax.eval_shape(lambda: end_to_end.TrainState.create(
       apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
       tx=optax.adam(config.learning_rate)))
   step, state, extra = ckpt.restore_latest(abstract)

@@ -34,6 +34,7 @@ import numpy as np
 import soundfile
 
 from exvo_jax import checkpoint
+from exvo_jax import end_to_end
 from exvo_jax import images
 from exvo_jax import metrics
 from exvo_jax import optim
@@ -48,7 +49,6 @@ from exvo_jax.data import schema
 from exvo_jax.features import mel
 from exvo_jax.models import emo18
 from exvo_jax.models import msggan
-from exvo_jax.tasks import fewshot
 
 EMOTIONS = schema.EMOTIONS
 SPLITS = ("train", "validation", "test")
@@ -309,7 +309,7 @@ def restore_gan(config, gan, name, mesh, workdir):
 # The FID classifier and the scores.
 
 def classifier_config(config):
-  """The sub-config `fewshot.train_base` reads, from config.classifier."""
+  """The sub-config `end_to_end.train_base` reads, from config.classifier."""
   c = config.classifier
   result = ml_collections.ConfigDict({
       "seed": config.seed, "learning_rate": c.learning_rate, "batch_size": c.batch_size,
@@ -320,11 +320,11 @@ def classifier_config(config):
 
 def train_classifier(config, splits, mesh, workdir):
   """Emo18 on Train (best epoch by validation mean CCC); reused when config.classifier.workdir holds one."""
-  target = fewshot.make_target("hume_vb")
+  target = end_to_end.make_target("hume_vb")
   model = emo18.Emo18(num_outputs=target.num_outputs, hidden=config.classifier.hidden,
                       bn_axis_name=parallel.DATA_AXIS)
   directory = config.classifier.workdir or os.path.join(workdir, "classifier")
-  variables, history, predict_fn = fewshot.train_base(classifier_config(config), model, target, splits, mesh,
+  variables, history, predict_fn = end_to_end.train_base(classifier_config(config), model, target, splits, mesh,
                                                       directory)
   return parallel.replicate(variables, mesh), history, predict_fn
 
@@ -336,8 +336,8 @@ def embed(predict_fn, variables, source, config, mesh):
   options = pipeline.AudioOptions(max_samples=int(config.classifier.max_seconds * schema.SAMPLE_RATE),
                                   pad_multiple=emo18.FRAME_SAMPLES)
   eval_batch = max(config.classifier.eval_batch_size // mesh.size, 1) * mesh.size
-  split = fewshot.Split(source, None, None, None, None)
-  return fewshot.predict_split(predict_fn, variables, split, options, eval_batch)
+  split = end_to_end.Split(source, None, None, None, None)
+  return end_to_end.predict_split(predict_fn, variables, split, options, eval_batch)
 
 
 def fid_matrix(rows, columns, min_clips=2):
@@ -505,8 +505,8 @@ def run(config, workdir):
   root = corpus.locate(data.root, dataset=data.dataset, demo_size=data.demo_size, demo_seed=data.demo_seed)
   builder, _ = builders.prepare(data.dataset, root, config="audio", data_dir=data.tfds_dir or None,
                                 strict=data.strict)
-  target = fewshot.make_target(data.dataset)
-  splits = {s: fewshot.Split.read(builders.data_source(builder, s), target) for s in SPLITS}
+  target = end_to_end.make_target(data.dataset)
+  splits = {s: end_to_end.Split.read(builders.data_source(builder, s), target) for s in SPLITS}
   mesh = parallel.make_mesh(config.num_devices or None)
   train = splits["train"]
   bins = emotion_bins(train)
