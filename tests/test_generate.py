@@ -144,8 +144,10 @@ def test_gan_step_is_the_same_on_1_and_8_devices(optimiser):
 
 
 def test_discriminator_learns_to_tell_real_from_generated():
-  """A few steps on one fixed batch: the discriminator's RaHinge loss falls from its start near 2."""
-  gan, _ = _smoke_gan(False, "adam")
+  """With the generator frozen, a few steps on one fixed batch drive the discriminator's RaHinge loss to ~0."""
+  config = generate_config.get_config("smoke")
+  config.gan.discriminator_learning_rate = 1e-3
+  gan = dataclasses.replace(generate.make_gan(config.gan, conditional=False), generator_tx=optax.sgd(0.0))
   t = np.arange(mel.CLIP_SAMPLES) / 16_000
   batch = {"audio": np.stack([np.sin(2 * np.pi * (300 + 50 * i) * t) for i in range(8)]).astype(np.float32),
            "condition": np.zeros((8, 10), np.float32)}
@@ -153,11 +155,11 @@ def test_discriminator_learns_to_tell_real_from_generated():
   step = parallel.data_parallel(generate.make_gan_step(gan, global_batch=8, seed=0), mesh)
   state = parallel.replicate(generate.init_gan_state(gan, 0), mesh)
   losses = []
-  for _ in range(15):
+  for _ in range(12):
     state, step_metrics = step(state, parallel.shard_batch(batch, mesh))
     losses.append(float(step_metrics["d_loss"]))
   assert np.all(np.isfinite(losses))
-  assert np.mean(losses[-3:]) < losses[0] - 0.3, losses
+  assert max(losses[-3:]) < min(0.05, losses[0] / 2), losses
 
 
 def test_smoke_run_trains_samples_and_scores(tmp_path):
