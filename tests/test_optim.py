@@ -1,5 +1,5 @@
-"""Adam and ExtraAdam: the bilinear game min_x max_y x*y (simultaneous steps fail, extragradient steps converge), a numpy
-reference for ExtraAdam's moment updates, a quadratic sanity check and a jit round trip of the state."""
+"""Adam and ExtraAdam: the bilinear game min_x max_y x*y (simultaneous steps fail, extragradient steps converge),
+a numpy reference for ExtraAdam's moment updates, a quadratic sanity check and a jit round trip of the state."""
 
 import jax
 import jax.numpy as jnp
