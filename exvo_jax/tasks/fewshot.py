@@ -296,10 +296,11 @@ def run(config, workdir):
       if key == "adapted" and v is variables:
         outputs_of[name][key] = outputs_of[name]["none"]
       else:
-        outputs_of[name][key] = end_to_end.predict_split(predict_fn, parallel.replicate(v, mesh), split, options, eval_batch)
+        outputs_of[name][key] = end_to_end.predict_split(predict_fn, parallel.replicate(v, mesh), split, options,
+                                                         eval_batch)
   if "speaker_norm" in modes:
-    _, train_embeddings = end_to_end.predict_split(predict_fn, parallel.replicate(variables, mesh), splits["train"], options,
-                                        eval_batch)
+    _, train_embeddings = end_to_end.predict_split(predict_fn, parallel.replicate(variables, mesh), splits["train"],
+                                                   options, eval_batch)
     read_out = fit_read_out(target, splits, train_embeddings, config.read_out_l2)
 
   val = splits[config.val_split]
