@@ -196,7 +196,7 @@ def train_base(config, model, target, splits, mesh, workdir, log=print):
       state, step_metrics = step(state, parallel.global_batch_from_local(device_batch(batch, target), mesh))
       loss = float(step_metrics["loss"])
       runtime.check_finite({"loss": loss}, step=global_step, what=f"base model epoch {epoch}",
-                           checkpoint_dir=ckpt.directory, last_good_step=ckpt.latest_step())
+                           checkpointer=ckpt)
       losses.append(loss)
       if i % 20 == 0 or i == steps_per_epoch:
         metrics_log.write(global_step, train_loss=loss)

@@ -115,12 +115,18 @@ def check_workdir(workdir, min_free_bytes=MIN_FREE_BYTES):
                      "another --workdir")
 
 
-def check_finite(losses, *, step, what, checkpoint_dir, last_good_step):
-  """Raises NonFiniteLoss when any value of `losses` (a dict of floats) is NaN or Inf."""
+def check_finite(losses, *, step, what, checkpointer):
+  """Raises NonFiniteLoss when any value of `losses` (a dict of floats) is NaN or Inf.
+
+  Before raising it waits for the checkpointer's pending (asynchronous) saves and closes it, so the last good
+  checkpoint named in the message is complete on disk.
+  """
   bad = {k: v for k, v in losses.items() if not np.isfinite(v)}
   if bad:
-    kept = (f"the last good checkpoint (step {last_good_step}) is kept in {checkpoint_dir}"
-            if last_good_step is not None else f"no checkpoint had been saved yet in {checkpoint_dir}")
+    checkpointer.close()
+    last_good_step = checkpointer.latest_step()
+    kept = (f"the last good checkpoint (step {last_good_step}) is kept in {checkpointer.directory}"
+            if last_good_step is not None else f"no checkpoint had been saved yet in {checkpointer.directory}")
     raise NonFiniteLoss(f"{what} step {step}: non-finite loss {bad}; stopped, {kept}. Lower the learning rate or "
                         "check the input batch, then rerun with the same --workdir to resume from it")
 

@@ -269,8 +269,7 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
     state, step_metrics = step(state, batch)
     if i % gc.log_every == 0 or i == gc.steps:
       last = {k: float(v) for k, v in step_metrics.items()}
-      runtime.check_finite(last, step=i, what=f"GAN {name}", checkpoint_dir=directory,
-                           last_good_step=ckpt.latest_step())
+      runtime.check_finite(last, step=i, what=f"GAN {name}", checkpointer=ckpt)
       metrics_log.write(i, **last)
     progress.update(i, extra=f"GAN {name}" + (f" | D {last['d_loss']:.3f} G {last['g_loss']:.3f}" if last else ""))
     if i % gc.sample_every == 0 or i == gc.steps:
@@ -281,7 +280,7 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
     if i % gc.checkpoint_every == 0 or i == gc.steps or stop:
       # Checked before saving, so a saved state never holds non-finite losses.
       runtime.check_finite({k: float(v) for k, v in step_metrics.items()}, step=i, what=f"GAN {name}",
-                           checkpoint_dir=directory, last_good_step=ckpt.latest_step())
+                           checkpointer=ckpt)
       ckpt.save(i, state, extra={"data": iterator.get_state()})
     if stop:
       ckpt.close()

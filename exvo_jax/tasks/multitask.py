@@ -265,8 +265,7 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
       if i % 50 == 0 or i == steps_per_epoch:
         loss = float(step_metrics["loss"])
         runtime.check_finite({"loss": loss}, step=(epoch - 1) * steps_per_epoch + i,
-                             what=f"seed {seed} epoch {epoch}", checkpoint_dir=ckpt.directory,
-                             last_good_step=ckpt.latest_step())
+                             what=f"seed {seed} epoch {epoch}", checkpointer=ckpt)
         losses_sum, count = losses_sum + loss, count + 1
         if i < steps_per_epoch and runtime.preemption.should_stop():
           ckpt.save((epoch - 1) * steps_per_epoch + i, state, extra={**extra, "position": {
