@@ -179,8 +179,9 @@ def train_base(config, model, target, splits, mesh, workdir, log=print):
   steps_per_epoch = len(train.source) // config.batch_size
   metrics_log = writers.MetricsLog(os.path.join(workdir, "metrics_log.jsonl"))
   total_steps = steps_per_epoch * config.num_epochs
+  already = extra["epoch"] * steps_per_epoch + (extra.get("position") or {}).get("step", 0)
   progress = writers.Progress(total_steps, what="steps", per_item=("clips", config.batch_size),
-                              every_s=config.log_every_s)
+                              every_s=config.log_every_s, start=already)
   while extra["epoch"] < config.num_epochs:
     epoch = extra["epoch"] + 1
     batches = iter(pipeline.make_pipeline(train.source, batch_size=config.batch_size // processes, train=True,

@@ -55,8 +55,9 @@ class MetricsLog:
 class Progress:
   """A progress line every `every_s` seconds: done/total, items/s (and a second rate), ETA."""
 
-  def __init__(self, total, *, what="steps", every_s=10.0, stream=sys.stdout, per_item=None):
+  def __init__(self, total, *, what="steps", every_s=10.0, stream=sys.stdout, per_item=None, start=0):
     self.total, self.what, self.every_s, self.stream = total, what, every_s, stream
+    self.first = start  # items already done before this run (a resumed run): not counted in the rate
     self.per_item = per_item  # optional (name, count per item), e.g. ('clips', batch_size)
     self.start = self.last = time.monotonic()
     self.done = 0
@@ -68,7 +69,7 @@ class Progress:
       return
     self.last = now
     elapsed = max(now - self.start, 1e-9)
-    rate = done / elapsed
+    rate = (done - self.first) / elapsed
     eta = (self.total - done) / rate if rate > 0 else float("inf")
     line = f"{done}/{self.total} {self.what}, {rate:.2f} {self.what}/s"
     if self.per_item:

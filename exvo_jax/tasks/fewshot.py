@@ -132,7 +132,7 @@ def meta_train(config, model, target, variables, splits, mesh, workdir, *, first
   state, done = (parallel.replicate(make_state(), mesh), 0) if resumed is None else (resumed[1], resumed[0])
   episodes_per_step = max(maml.episodes_per_step // mesh.size, 1) * mesh.size
   progress = writers.Progress(maml.meta_steps, what="meta-steps", per_item=("episodes", episodes_per_step),
-                              every_s=config.log_every_s)
+                              every_s=config.log_every_s, start=done)
   rng = np.random.default_rng([config.seed, 7])
   for _ in range(done):  # the same episode sequence after a resume
     sample_episodes(train, rng, num_episodes=episodes_per_step, num_support=config.num_support,

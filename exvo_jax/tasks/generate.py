@@ -262,7 +262,8 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
   samples_dir = os.path.join(workdir, "train_samples")
   os.makedirs(samples_dir, exist_ok=True)
   metrics_log = writers.MetricsLog(os.path.join(workdir, f"metrics_log_gan_{name}.jsonl"))
-  progress = writers.Progress(gc.steps, what="steps", per_item=("clips", gc.batch_size), every_s=gc.log_every_s)
+  progress = writers.Progress(gc.steps, what="steps", per_item=("clips", gc.batch_size), every_s=gc.log_every_s,
+                              start=done)
   last = None
   for i in range(done + 1, gc.steps + 1):
     batch = parallel.global_batch_from_local(_device_batch(next(iterator)), mesh)
