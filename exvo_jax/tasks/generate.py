@@ -396,11 +396,12 @@ def to_int16(audio):
   return np.round(np.clip(scaled, -1.0, 1.0) * 32767).astype(np.int16)
 
 
-def sample_clips(config, gan, g_params, emotion, condition, out_dir):
-  """Writes config.sample.num_per_emotion wav files for `emotion`; returns (records, log-mels [N, 128, 512])."""
+def sample_clips(config, generate, g_params, emotion, condition, out_dir):
+  """Writes config.sample.num_per_emotion wav files for `emotion`; returns (records, log-mels [N, 128, 512]).
+
+  `generate` is `make_generate_fn(gan)` (made once per GAN, so it compiles once).
+  """
   s = config.sample
-  generate = make_generate_fn(gan)
-  invert = jax.jit(lambda m: mel.mel_to_audio(m, num_iters=s.griffin_lim_iters, seed=config.seed))
   key = jax.random.fold_in(jax.random.PRNGKey(s.seed), EMOTIONS.index(emotion))
   latents = msggan.sample_latent(key, s.num_per_emotion)
   folder = os.path.join(out_dir, emotion)
@@ -412,7 +413,7 @@ def sample_clips(config, gan, g_params, emotion, condition, out_dir):
     cond = None if condition is None else jnp.broadcast_to(jnp.asarray(condition, jnp.float32),
                                                            (latent.shape[0], len(EMOTIONS)))
     spectrogram = generate(g_params, latent, cond)
-    audio = np.asarray(invert(spectrogram))
+    audio = np.asarray(mel.mel_to_audio(spectrogram, num_iters=s.griffin_lim_iters, seed=config.seed))
     spectrograms.append(np.asarray(spectrogram))
     for j, clip in enumerate(audio):
       name = f"{emotion}_{start + j + 1:04d}"
@@ -553,10 +554,11 @@ def run(config, workdir):
     gans[name] = (gan, state)
 
   out_dir = os.path.join(workdir, "samples")
-  generated, grids = {}, []
+  generated, grids, generate_fns = {}, [], {}
   for e in emotions:
     gan, params, condition = generator_for(config, e, bins_mean, gans)
-    generated[e], spectrograms = sample_clips(config, gan, params, e, condition, out_dir)
+    generate = generate_fns.setdefault(id(gan), make_generate_fn(gan))
+    generated[e], spectrograms = sample_clips(config, generate, params, e, condition, out_dir)
     grids.append(spectrograms[:config.sample.grid_columns])
   images.write_png(os.path.join(out_dir, "spectrograms.png"),
                    images.spectrogram_grid(np.concatenate(grids), columns=config.sample.grid_columns,
