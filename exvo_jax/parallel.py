@@ -194,22 +194,3 @@ def predict_all(predict: Callable[[Any], Any], num_records: int, mesh: Mesh, *, 
   if len(order) != num_records:
     raise RuntimeError(f"prediction covered {len(order)} of {num_records} records")
   return result
-
-
-def maybe_initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> bool:
-  """Calls `jax.distributed.initialize` when any argument is given; else a no-op.
-
-  Must run before any other JAX call in a multi-host job.
-
-  Returns:
-    Whether `jax.distributed.initialize` was called.
-  """
-  if coordinator_address is None and num_processes is None and process_id is None:
-    return False
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-  return True

@@ -151,7 +151,3 @@ def test_global_batch_from_local_single_process():
   assert batch["x"].sharding.spec == jax.sharding.PartitionSpec(DATA_AXIS)
   np.testing.assert_array_equal(batch["x"], local["x"])
   assert len(batch["x"].addressable_shards) == NUM_DEVICES
-
-
-def test_maybe_initialize_distributed_is_noop_without_args():
-  assert parallel.maybe_initialize_distributed() is False

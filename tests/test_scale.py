@@ -226,6 +226,7 @@ def test_cluster_detection(monkeypatch):
   for name in ("SLURM_NTASKS", "SLURM_PROCID", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(name, raising=False)
   assert runtime.detected_cluster() is None
+  assert runtime.initialize() == "single process"  # nothing given, nothing detected: no distributed start-up
   monkeypatch.setenv("SLURM_NTASKS", "4")
   monkeypatch.setenv("SLURM_PROCID", "1")
   assert runtime.detected_cluster() == "slurm"
