@@ -181,3 +181,17 @@ def test_griffin_lim_reconstruction(griffin_lim_clips):
     print(f"spectral convergence: ours {ours_sc:.4f}, librosa {theirs_sc:.4f}")
     assert ours_sc < 0.15
     assert ours_sc < theirs_sc + 0.04
+
+
+def test_sounding_samples_cuts_trailing_silence():
+  rng = np.random.default_rng(0)
+  lengths = (4_000, 20_000, 40_000, mel.CLIP_SAMPLES)
+  audio = np.zeros((len(lengths) + 1, mel.CLIP_SAMPLES), np.float32)  # the last clip stays silent
+  for row, length in enumerate(lengths):
+    audio[row, :length] = 0.1 * rng.standard_normal(length)
+  keep = mel.sounding_samples(mel.log_mel(audio))
+  for got, length in zip(keep, lengths):
+    # The last frame that sees the clip is centred within n_fft / 2 of its end; nothing after that is kept.
+    assert min(length, mel.CLIP_SAMPLES) <= got <= min(length + mel.N_FFT, mel.CLIP_SAMPLES), (got, length)
+  assert keep[-1] == mel.HOP
+  assert mel.sounding_samples(np.asarray(mel.log_mel(audio[1]))) == keep[1]

@@ -304,3 +304,27 @@ def spectral_convergence(reference_magnitude, estimate_magnitude):
   reference = np.asarray(reference_magnitude, np.float64)
   estimate = np.asarray(estimate_magnitude, np.float64)
   return float(np.linalg.norm(reference - estimate) / np.linalg.norm(reference))
+
+
+SILENCE_MARGIN = 1.0
+
+
+def sounding_samples(log_mel_values, *, margin=SILENCE_MARGIN):
+  """How many samples of each clip to keep so that trailing silence is cut: [batch, N_MELS, frames] -> [batch].
+
+  A frame is silent when its loudest band is below PAD_VALUE + margin (mel power below 6.4e-6 with margin 1; the
+  frames of zero padding hold exactly PAD_VALUE, a generator's silence sits near it). The clip is kept up to the
+  end of the window of its last sounding frame (frame f is centred on sample f * HOP: f * HOP + N_FFT // 2
+  samples), at most (frames - 1) * HOP; one hop when every frame is silent.
+
+  Short clips are zero-padded to CLIP_SAMPLES for the GAN, which then learns to end its bursts with silence;
+  cutting it matters for scoring: an embedding that reads a clip to its end (Emo18's LSTM) sees seconds of
+  silence otherwise, and no real clip of the bin ends that way.
+  """
+  values = np.asarray(log_mel_values)
+  if values.ndim == 2:
+    return sounding_samples(values[None], margin=margin)[0]
+  frames = values.shape[-1]
+  sounding = values.max(axis=1) >= PAD_VALUE + margin  # [batch, frames]
+  last = frames - 1 - np.argmax(sounding[:, ::-1], axis=1)
+  return np.where(sounding.any(axis=1), np.minimum(last * HOP + N_FFT // 2, (frames - 1) * HOP), HOP)
