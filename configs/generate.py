@@ -34,7 +34,10 @@ def get_config(arg=None):
   config.gan.optimiser = arg.optimiser
   config.gan.generator_learning_rate = 3e-3
   config.gan.discriminator_learning_rate = 3e-4
-  config.gan.ema_decay = 0.999  # samples come from an exponential moving average of the generator
+  config.gan.ema_decay = 0.999  # samples come from an exponential moving average of the generator (warmed up)
+  # Conditional generator only: weight of the AC-GAN auxiliary loss (D predicts the emotions of real clips, G is
+  # asked to make clips whose predicted emotions are its condition); 0 leaves the projection discriminator alone.
+  config.gan.auxiliary_weight = 1.0
   config.gan.batch_size = 16
   config.gan.steps = arg.steps
   config.gan.log_every = 10

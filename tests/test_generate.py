@@ -141,6 +141,12 @@ def test_gan_step_is_the_same_on_1_and_8_devices(optimiser):
     # 1e-6 about 100-fold (measured 2e-4 at most), hence the looser bound there.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-4 if optimiser == "extra_adam" else 1e-5)
   assert m1 == pytest.approx(m8, rel=1e-3 if optimiser == "extra_adam" else 1e-5)
+  assert {"d_aux", "g_aux"} <= set(m1)  # the conditional smoke GAN has the AC-GAN head
+  # The EMA warms up: at step 0 its decay is min(0.999, 1 / 10), so it is 0.1 init + 0.9 the new generator.
+  init = generate.init_gan_state(gan, 0)
+  for e, p0, p1 in zip(jax.tree.leaves(one.generator_ema), jax.tree.leaves(init.generator),
+                       jax.tree.leaves(one.generator)):
+    np.testing.assert_allclose(e, 0.1 * np.asarray(p0) + 0.9 * np.asarray(p1), rtol=1e-5, atol=1e-6)
 
 
 def test_discriminator_learns_to_tell_real_from_generated():
@@ -163,7 +169,8 @@ def test_discriminator_learns_to_tell_real_from_generated():
 
 
 def test_smoke_run_trains_samples_and_scores(tmp_path):
-  """`configs/generate.py:smoke` through main: wav folders, headers, lengths, not silent; finite FID per emotion;
+  """`configs/generate.py:smoke` through main: wav folders, headers, lengths (trailing silence cut), not silent;
+  finite FID per emotion;
   then mode=sample restores the same GAN and writes the same clips."""
   workdir = tmp_path / "run"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -182,7 +189,8 @@ def test_smoke_run_trains_samples_and_scores(tmp_path):
     for path in files:
       info = soundfile.info(str(path))
       assert (info.samplerate, info.channels, info.subtype) == (16_000, 1, "PCM_16")
-      assert info.frames == mel.CLIP_SAMPLES
+      # Cut after the last sounding frame (mel.sounding_samples), so at most the GAN's 4.1 s.
+      assert mel.HOP <= info.frames <= mel.CLIP_SAMPLES
       audio, _ = soundfile.read(str(path), dtype="int16")
       assert np.abs(audio).max() > 1000  # not silent
   assert (workdir / "samples" / "spectrograms.png").read_bytes()[:4] == b"\x89PNG"

@@ -20,9 +20,17 @@ log(mel + 1e-6) / 2, lie around -7 ... +2: standardise the real spectrograms (e.
 and std) before they meet the discriminator, whose untrained scores already separate a constant offset.
 
 Conditional variant (num_conditions > 0), one generator for all emotions: the condition is a [batch, 10] vector
-of emotion intensities in [0, 1]. The generator embeds it with an equalised dense layer to the latent size and
-concatenates the embedding to the normalised latent before its first layer; the discriminator is a projection
-discriminator (Miyato & Koyama 2018): score = dense(h) + <embed(condition), h> on its final feature vector h.
+of emotion intensities in [0, 1]. The generator embeds it with an equalised dense layer to the latent size,
+concatenates the embedding to the normalised latent before its first layer, and modulates every convolution's
+output with it: after the pixel norm, x * (1 + gamma) + beta with per-channel gamma, beta = dense(embedding) (the
+condition reaches every scale directly, as in conditional batch norm, instead of having to survive six
+pixel-normalised blocks). The discriminator is a projection discriminator (Miyato & Koyama 2018): score =
+dense(h) + <embed(condition), h> on its final feature vector h; with `auxiliary=True` it also predicts the
+condition (AC-GAN, Odena et al. 2017: logits trained on real clips; the generator is then asked to make clips
+whose predicted emotions are the ones it was given, see `auxiliary_loss`). The logits are a linear function of h
+plus a linear function of each mel band's mean and standard deviation over time at the top scale: at /16 width
+the convolutional features alone learnt the emotions slowly (a pure classifier of this shape reached 25% top-1
+on the demo's dominant emotion after 400 steps of 8 clips; with the band statistics, 34%).
 """
 
 import math
@@ -187,6 +195,7 @@ class Generator(nn.Module):
       raise ValueError(f"Generator: latent of shape {latent.shape}; expected [batch, {self.latent_dim}]")
     _check_condition(self.num_conditions, condition, batch, "Generator")
     x = pixel_norm(latent)
+    embedded = None
     if self.num_conditions:
       embedded = EqualizedDense(self.latent_dim, gain=1.0, name="condition_embed")(condition)
       x = jnp.concatenate([x, embedded], axis=-1)
@@ -194,14 +203,24 @@ class Generator(nn.Module):
     # The dense layer equals MSG-GAN's transposed conv from 1x1 to 2x8 (same fan-in: the input size).
     x = EqualizedDense(height * width * self.channels[0], name="input_dense")(x)
     x = pixel_norm(leaky_relu(x.reshape(batch, height, width, self.channels[0])))
+    x = self._modulate(x, embedded, "input") if self.num_conditions else x
     images = []
     for i, width_i in enumerate(self.channels):
-      if i:
-        x = upsample2x(x)
-        x = pixel_norm(leaky_relu(EqualizedConv(width_i, name=f"block{i}_conv0")(x)))
-      x = pixel_norm(leaky_relu(EqualizedConv(width_i, name=f"block{i}_conv1")(x)))
+      for j in (0, 1) if i else (1,):
+        if j == 0:
+          x = upsample2x(x)
+        x = pixel_norm(leaky_relu(EqualizedConv(width_i, name=f"block{i}_conv{j}")(x)))
+        if self.num_conditions:
+          x = self._modulate(x, embedded, f"block{i}_conv{j}")
       images.append(EqualizedConv(1, (1, 1), gain=1.0, name=f"to_image{i}")(x))
     return images
+
+  def _modulate(self, x, embedded, name):
+    """x * (1 + gamma) + beta with per-channel gamma, beta = an equalised dense layer of the condition embedding."""
+    channels = x.shape[-1]
+    gamma_beta = EqualizedDense(2 * channels, gain=1.0, name=f"{name}_modulation")(embedded)
+    gamma, beta = jnp.split(gamma_beta[:, None, None, :].astype(x.dtype), 2, axis=-1)
+    return x * (1.0 + gamma) + beta
 
 
 class Discriminator(nn.Module):
@@ -213,10 +232,13 @@ class Discriminator(nn.Module):
       the largest scale down.
     num_conditions: size of the condition vector for the projection head, 0 for an unconditional critic.
     group_size: the minibatch standard deviation's group size (min(4, batch)).
+    auxiliary: also return condition logits [batch, num_conditions] predicted from the final features and the
+      top-scale band statistics (AC-GAN); the call then returns (scores, logits).
   """
   channels: tuple[int, ...] = CHANNELS
   num_conditions: int = 0
   group_size: int = 4
+  auxiliary: bool = False
 
   @nn.compact
   def __call__(self, images, condition=None):
@@ -244,6 +266,16 @@ class Discriminator(nn.Module):
       # Projection: the condition selects a direction in feature space; no bias (dense(h) already has one).
       embedded = EqualizedDense(features.shape[-1], gain=1.0, use_bias=False, name="condition_embed")(condition)
       scores = scores + jnp.sum(embedded * features, axis=-1)
+    if self.auxiliary:
+      if not self.num_conditions:
+        raise ValueError("Discriminator: auxiliary=True predicts the condition; set num_conditions")
+      top = images[-1][..., 0].astype(jnp.float32)  # [B, bands, frames]
+      # Each band's mean and standard deviation over time: the spectral envelope and its movement, which a
+      # linear head reads at once (the convolutional features alone learn the emotions slowly).
+      spectrum = jnp.concatenate([jnp.mean(top, axis=2), jnp.std(top, axis=2)], axis=-1)
+      logits = (EqualizedDense(self.num_conditions, gain=1.0, name="condition_logits")(features)
+                + EqualizedDense(self.num_conditions, gain=1.0, name="spectrum_logits")(spectrum))
+      return scores, logits.astype(features.dtype)
     return scores
 
 
@@ -271,3 +303,13 @@ def rahinge_generator_loss(real_scores, fake_scores, axis_name=None):
   mean_real, mean_fake = _batch_mean(real_scores, axis_name), _batch_mean(fake_scores, axis_name)
   return (jnp.mean(jax.nn.relu(1.0 + (real_scores - mean_fake)))
           + jnp.mean(jax.nn.relu(1.0 - (fake_scores - mean_real))))
+
+
+def auxiliary_loss(logits, condition):
+  """AC-GAN's auxiliary loss: sigmoid cross-entropy between condition logits [batch, K] and the condition
+  intensities [batch, K] in [0, 1] (soft targets), summed over the K emotions and averaged over the (local) batch;
+  with soft targets its minimum is their entropy, not 0. In a data-parallel step the gradients' pmean makes it
+  the global batch's mean, as the per-device batches are equal.
+  """
+  per_clip = jnp.sum(jnp.maximum(logits, 0.0) - logits * condition + jnp.log1p(jnp.exp(-jnp.abs(logits))), axis=-1)
+  return jnp.mean(per_clip)

@@ -9,8 +9,8 @@ mode=train (default):
    data-parallel, checkpointed (with the data iterator's position), logs a progress line, and writes spectrogram
    grids of fixed latents as PNG every `sample_every` steps.
 3. Then sampling and scoring as in mode=sample.
-mode=sample: restores the trained generator(s), writes N clips per emotion as 16 kHz wav files in one folder per
-emotion (the submission layout), a PNG grid of their spectrograms, and scores.json: FID per emotion (generated
+mode=sample: restores the trained generator(s), writes N clips per emotion as 16 kHz wav files (trailing silence
+cut) in one folder per emotion (the submission layout), a PNG grid of their spectrograms, and scores.json: FID per emotion (generated
 clips vs that emotion's training bin), the generated-vs-train FID matrix (row e: emotion e's generated clips
 against every emotion's training clips; the off-diagonal entries are the shuffled-label control), HEEP and S_GEN
 from a ratings CSV when `ratings_csv` is given, and a classifier-rated HEEP (the same formula with the classifier's
@@ -77,6 +77,7 @@ class Gan:
   discriminator_tx: Any
   extragradient: bool
   ema_decay: float
+  auxiliary_weight: float = 0.0  # > 0: D also predicts the condition (AC-GAN), and G is asked to match it
 
   @property
   def conditional(self):
@@ -92,10 +93,11 @@ def make_gan(gan_config, *, conditional):
     make_tx, extragradient = optim.adam, False
   else:
     raise ValueError(f"gan.optimiser {gan_config.optimiser!r}: use adam or extra_adam")
+  auxiliary_weight = gan_config.auxiliary_weight if conditional else 0.0
   return Gan(msggan.Generator(channels=channels, num_conditions=num_conditions),
-             msggan.Discriminator(channels=channels, num_conditions=num_conditions),
+             msggan.Discriminator(channels=channels, num_conditions=num_conditions, auxiliary=auxiliary_weight > 0),
              make_tx(gan_config.generator_learning_rate), make_tx(gan_config.discriminator_learning_rate),
-             extragradient, gan_config.ema_decay)
+             extragradient, gan_config.ema_decay, auxiliary_weight)
 
 
 def init_gan_state(gan, seed):
@@ -114,7 +116,16 @@ def make_gan_step(gan, *, global_batch, seed):
   """The per-device step `(state, batch) -> (state, metrics)`; batch: audio [b, CLIP_SAMPLES], condition [b, 10].
 
   The log-mel of the real clips is computed inside the step. Latents are drawn for the whole global batch from
-  (seed, step) and each device takes its rows, so the step does not depend on the number of devices.
+  (seed, step) and each device takes its rows, so the step does not depend on the number of devices. The fakes
+  are generated with the real batch's conditions.
+
+  Losses: RaHinge; with `auxiliary_weight` > 0 the discriminator adds weight x the auxiliary loss of its
+  condition logits on the REAL clips, and the generator weight x the same loss on its fakes against the
+  conditions it was given (AC-GAN with the classifier trained on real data only, so fakes that do not show
+  their emotion are not rewarded by a classifier that learnt them).
+  The EMA of the generator warms up: decay min(ema_decay, (1 + t) / (10 + t)) at step t, so that a short run's
+  average is not dominated by the random initial weights (with 0.999 from the start they would still weigh
+  0.999^2000 = 13.5% after 2,000 steps).
   """
   def latents(step, local_batch):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
@@ -122,23 +133,30 @@ def make_gan_step(gan, *, global_batch, seed):
     start = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch
     return jax.lax.dynamic_slice_in_dim(every, start, local_batch)
 
+  weight = gan.auxiliary_weight
+
   def scores(g_params, d_params, real_pyramid, latent, condition):
+    """(real scores, fake scores, real condition logits, fake condition logits); logits None without AC."""
     fake = gan.generator.apply({"params": g_params}, latent, condition)
-    real_scores = gan.discriminator.apply({"params": d_params}, real_pyramid, condition)
-    fake_scores = gan.discriminator.apply({"params": d_params}, fake, condition)
-    return real_scores, fake_scores
+    real = gan.discriminator.apply({"params": d_params}, real_pyramid, condition)
+    fake = gan.discriminator.apply({"params": d_params}, fake, condition)
+    return (real[0], fake[0], real[1], fake[1]) if weight else (real, fake, None, None)
 
   def d_loss_fn(d_params, g_params, *inputs):
-    real_scores, fake_scores = scores(jax.lax.stop_gradient(g_params), d_params, *inputs)
-    return msggan.rahinge_discriminator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
+    real_scores, fake_scores, real_logits, _ = scores(jax.lax.stop_gradient(g_params), d_params, *inputs)
+    loss = msggan.rahinge_discriminator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
+    aux = msggan.auxiliary_loss(real_logits, inputs[-1]) if weight else jnp.zeros(())
+    return loss + weight * aux, aux
 
   def g_loss_fn(g_params, d_params, *inputs):
-    real_scores, fake_scores = scores(g_params, jax.lax.stop_gradient(d_params), *inputs)
-    return msggan.rahinge_generator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
+    real_scores, fake_scores, _, fake_logits = scores(g_params, jax.lax.stop_gradient(d_params), *inputs)
+    loss = msggan.rahinge_generator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
+    aux = msggan.auxiliary_loss(fake_logits, inputs[-1]) if weight else jnp.zeros(())
+    return loss + weight * aux, aux
 
   def grads(fn, wrt, other, inputs):
-    loss, grad = jax.value_and_grad(fn)(wrt, other, *inputs)
-    return jax.lax.pmean(loss, parallel.DATA_AXIS), jax.lax.pmean(grad, parallel.DATA_AXIS)
+    (loss, aux), grad = jax.value_and_grad(fn, has_aux=True)(wrt, other, *inputs)
+    return jax.lax.pmean((loss, aux), parallel.DATA_AXIS), jax.lax.pmean(grad, parallel.DATA_AXIS)
 
   def step(state, batch):
     real = to_image(mel.log_mel(batch["audio"]))[..., None]
@@ -150,21 +168,26 @@ def make_gan_step(gan, *, global_batch, seed):
       _, g_grad = grads(g_loss_fn, g, d, inputs)
       d_half, d_opt = gan.discriminator_tx.extrapolate(d_grad, state.discriminator_opt, d)
       g_half, g_opt = gan.generator_tx.extrapolate(g_grad, state.generator_opt, g)
-      d_loss, d_grad = grads(d_loss_fn, d_half, g_half, inputs)
-      g_loss, g_grad = grads(g_loss_fn, g_half, d_half, inputs)
+      (d_loss, d_aux), d_grad = grads(d_loss_fn, d_half, g_half, inputs)
+      (g_loss, g_aux), g_grad = grads(g_loss_fn, g_half, d_half, inputs)
       d, d_opt = gan.discriminator_tx.update(d_grad, d_opt)
       g, g_opt = gan.generator_tx.update(g_grad, g_opt)
     else:  # alternating: the discriminator first, then the generator against the updated discriminator
-      d_loss, d_grad = grads(d_loss_fn, d, g, inputs)
+      (d_loss, d_aux), d_grad = grads(d_loss_fn, d, g, inputs)
       updates, d_opt = gan.discriminator_tx.update(d_grad, state.discriminator_opt, d)
       d = jax.tree.map(jnp.add, d, updates)
-      g_loss, g_grad = grads(g_loss_fn, g, d, inputs)
+      (g_loss, g_aux), g_grad = grads(g_loss_fn, g, d, inputs)
       updates, g_opt = gan.generator_tx.update(g_grad, state.generator_opt, g)
       g = jax.tree.map(jnp.add, g, updates)
-    ema = jax.tree.map(lambda e, p: gan.ema_decay * e + (1.0 - gan.ema_decay) * p, state.generator_ema, g)
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(gan.ema_decay, (1.0 + t) / (10.0 + t))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.generator_ema, g)
     new_state = GanState(step=state.step + 1, generator=g, generator_ema=ema, generator_opt=g_opt,
                          discriminator=d, discriminator_opt=d_opt)
-    return new_state, {"d_loss": d_loss, "g_loss": g_loss}
+    result = {"d_loss": d_loss, "g_loss": g_loss}
+    if weight:  # the auxiliary parts (included in the losses above, times the weight)
+      result.update(d_aux=d_aux, g_aux=g_aux)
+    return new_state, result
 
   return step
 
@@ -272,7 +295,11 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
       last = {k: float(v) for k, v in step_metrics.items()}
       runtime.check_finite(last, step=i, what=f"GAN {name}", checkpointer=ckpt)
       metrics_log.write(i, **last)
-    progress.update(i, extra=f"GAN {name}" + (f" | D {last['d_loss']:.3f} G {last['g_loss']:.3f}" if last else ""))
+    losses = ""
+    if last:
+      losses = f" | D {last['d_loss']:.3f} G {last['g_loss']:.3f}"
+      losses += f" (aux D {last['d_aux']:.2f} G {last['g_aux']:.2f})" if "d_aux" in last else ""
+    progress.update(i, extra=f"GAN {name}{losses}")
     if i % gc.sample_every == 0 or i == gc.steps:
       grid = np.asarray(generate(state.generator_ema, grid_latent, grid_condition))
       images.write_png(os.path.join(samples_dir, f"{name}_step{i:06d}.png"),
@@ -399,7 +426,9 @@ def to_int16(audio):
 def sample_clips(config, generate, g_params, emotion, condition, out_dir):
   """Writes config.sample.num_per_emotion wav files for `emotion`; returns (records, log-mels [N, 128, 512]).
 
-  `generate` is `make_generate_fn(gan)` (made once per GAN, so it compiles once).
+  `generate` is `make_generate_fn(gan)` (made once per GAN, so it compiles once). Each clip is cut after its last
+  sounding frame (`mel.sounding_samples`): the generator learnt from clips zero-padded to 4.1 s and ends short
+  bursts with silence, which a submission (and the FID classifier, which reads a clip to its end) should not get.
   """
   s = config.sample
   key = jax.random.fold_in(jax.random.PRNGKey(s.seed), EMOTIONS.index(emotion))
@@ -415,9 +444,10 @@ def sample_clips(config, generate, g_params, emotion, condition, out_dir):
     spectrogram = generate(g_params, latent, cond)
     audio = np.asarray(mel.mel_to_audio(spectrogram, num_iters=s.griffin_lim_iters, seed=config.seed))
     spectrograms.append(np.asarray(spectrogram))
+    keep = mel.sounding_samples(spectrograms[-1])
     for j, clip in enumerate(audio):
       name = f"{emotion}_{start + j + 1:04d}"
-      pcm = to_int16(clip)
+      pcm = to_int16(clip[:keep[j]])
       if writers.is_writer():
         soundfile.write(os.path.join(folder, f"{name}.wav"), pcm, schema.SAMPLE_RATE, subtype="PCM_16")
       records.append({"audio": pcm, "file_id": name, "speaker": "generated"})
