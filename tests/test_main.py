@@ -56,7 +56,7 @@ EMOGATOR = ROOT.parent / "shared" / "data" / "emogator"
 def test_emogator_reader_on_the_shared_folder():
   """The real corpus: 7,200 clips, 80 speakers, 30 categories, every clip decoded at 16 kHz."""
   import numpy as np
-  from exvo_jax.data import audio, emogator, report as report_lib
+  from exvo_jax.data import audio, emogator
   clips, report = emogator.read_emogator(EMOGATOR)
   assert len(clips) == 7200 and len({c.speaker for c in clips}) == 80
   assert len({c.category for c in clips}) == 30
