@@ -38,6 +38,9 @@ def get_config(arg=None):
   # Conditional generator only: weight of the AC-GAN auxiliary loss (D predicts the emotions of real clips, G is
   # asked to make clips whose predicted emotions are its condition); 0 leaves the projection discriminator alone.
   config.gan.auxiliary_weight = 1.0
+  # Conditional generator only: weight of the mode-seeking term (MSGAN, Mao et al. 2019) that keeps one
+  # condition's clips apart; 0 turns it off.
+  config.gan.diversity_weight = 1.0
   config.gan.batch_size = 16
   config.gan.steps = arg.steps
   config.gan.log_every = 10

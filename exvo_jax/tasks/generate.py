@@ -78,6 +78,7 @@ class Gan:
   extragradient: bool
   ema_decay: float
   auxiliary_weight: float = 0.0  # > 0: D also predicts the condition (AC-GAN), and G is asked to match it
+  diversity_weight: float = 0.0  # > 0: G's mode-seeking term (different latents, same condition -> different clips)
 
   @property
   def conditional(self):
@@ -94,10 +95,11 @@ def make_gan(gan_config, *, conditional):
   else:
     raise ValueError(f"gan.optimiser {gan_config.optimiser!r}: use adam or extra_adam")
   auxiliary_weight = gan_config.auxiliary_weight if conditional else 0.0
+  diversity_weight = gan_config.diversity_weight if conditional else 0.0
   return Gan(msggan.Generator(channels=channels, num_conditions=num_conditions),
              msggan.Discriminator(channels=channels, num_conditions=num_conditions, auxiliary=auxiliary_weight > 0),
              make_tx(gan_config.generator_learning_rate), make_tx(gan_config.discriminator_learning_rate),
-             extragradient, gan_config.ema_decay, auxiliary_weight)
+             extragradient, gan_config.ema_decay, auxiliary_weight, diversity_weight)
 
 
 def init_gan_state(gan, seed):
@@ -123,17 +125,23 @@ def make_gan_step(gan, *, global_batch, seed):
   condition logits on the REAL clips, and the generator weight x the same loss on its fakes against the
   conditions it was given (AC-GAN with the classifier trained on real data only, so fakes that do not show
   their emotion are not rewarded by a classifier that learnt them).
+  With `diversity_weight` > 0 the generator also makes a second batch from fresh latents with the same
+  conditions and adds weight x the mode-seeking term of Mao et al. 2019 (MSGAN), 1 / (ratio + 1e-5) averaged over
+  the pairs, ratio = mean |G(z1, c) - G(z2, c)| / mean |z1 - z2| per pair (top scale): in a conditional batch the
+  minibatch standard deviation sees the spread across conditions, not within one, so it does not stop a generator
+  from making one clip per emotion.
   The EMA of the generator warms up: decay min(ema_decay, (1 + t) / (10 + t)) at step t, so that a short run's
   average is not dominated by the random initial weights (with 0.999 from the start they would still weigh
   0.999^2000 = 13.5% after 2,000 steps).
   """
-  def latents(step, local_batch):
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+  def latents(step, local_batch, draw=0):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), draw) if draw else (
+        jax.random.fold_in(jax.random.PRNGKey(seed), step))
     every = msggan.sample_latent(key, global_batch)
     start = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch
     return jax.lax.dynamic_slice_in_dim(every, start, local_batch)
 
-  weight = gan.auxiliary_weight
+  weight, diversity = gan.auxiliary_weight, gan.diversity_weight
 
   def scores(g_params, d_params, real_pyramid, latent, condition):
     """(real scores, fake scores, real condition logits, fake condition logits); logits None without AC."""
@@ -143,16 +151,22 @@ def make_gan_step(gan, *, global_batch, seed):
     return (real[0], fake[0], real[1], fake[1]) if weight else (real, fake, None, None)
 
   def d_loss_fn(d_params, g_params, *inputs):
-    real_scores, fake_scores, real_logits, _ = scores(jax.lax.stop_gradient(g_params), d_params, *inputs)
+    real_scores, fake_scores, real_logits, _ = scores(jax.lax.stop_gradient(g_params), d_params, *inputs[:3])
     loss = msggan.rahinge_discriminator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
-    aux = msggan.auxiliary_loss(real_logits, inputs[-1]) if weight else jnp.zeros(())
-    return loss + weight * aux, aux
+    aux = msggan.auxiliary_loss(real_logits, inputs[2]) if weight else jnp.zeros(())
+    return loss + weight * aux, (aux, jnp.zeros(()))
 
   def g_loss_fn(g_params, d_params, *inputs):
-    real_scores, fake_scores, _, fake_logits = scores(g_params, jax.lax.stop_gradient(d_params), *inputs)
+    real_scores, fake_scores, _, fake_logits = scores(g_params, jax.lax.stop_gradient(d_params), *inputs[:3])
     loss = msggan.rahinge_generator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
-    aux = msggan.auxiliary_loss(fake_logits, inputs[-1]) if weight else jnp.zeros(())
-    return loss + weight * aux, aux
+    aux = msggan.auxiliary_loss(fake_logits, inputs[2]) if weight else jnp.zeros(())
+    spread = jnp.zeros(())
+    if diversity:  # inputs[3]: the second latents
+      _, latent, condition, other = inputs
+      first = gan.generator.apply({"params": g_params}, latent, condition)[-1]
+      second = gan.generator.apply({"params": g_params}, other, condition)[-1]
+      spread = mode_seeking_loss(first, second, latent, other)
+    return loss + weight * aux + diversity * spread, (aux, spread)
 
   def grads(fn, wrt, other, inputs):
     (loss, aux), grad = jax.value_and_grad(fn, has_aux=True)(wrt, other, *inputs)
@@ -161,22 +175,23 @@ def make_gan_step(gan, *, global_batch, seed):
   def step(state, batch):
     real = to_image(mel.log_mel(batch["audio"]))[..., None]
     inputs = (msggan.image_pyramid(real), latents(state.step, real.shape[0]),
-              batch["condition"] if gan.conditional else None)
+              batch["condition"] if gan.conditional else None,
+              latents(state.step, real.shape[0], draw=1) if diversity else None)
     g, d = state.generator, state.discriminator
     if gan.extragradient:
       _, d_grad = grads(d_loss_fn, d, g, inputs)
       _, g_grad = grads(g_loss_fn, g, d, inputs)
       d_half, d_opt = gan.discriminator_tx.extrapolate(d_grad, state.discriminator_opt, d)
       g_half, g_opt = gan.generator_tx.extrapolate(g_grad, state.generator_opt, g)
-      (d_loss, d_aux), d_grad = grads(d_loss_fn, d_half, g_half, inputs)
-      (g_loss, g_aux), g_grad = grads(g_loss_fn, g_half, d_half, inputs)
+      (d_loss, (d_aux, _)), d_grad = grads(d_loss_fn, d_half, g_half, inputs)
+      (g_loss, (g_aux, g_spread)), g_grad = grads(g_loss_fn, g_half, d_half, inputs)
       d, d_opt = gan.discriminator_tx.update(d_grad, d_opt)
       g, g_opt = gan.generator_tx.update(g_grad, g_opt)
     else:  # alternating: the discriminator first, then the generator against the updated discriminator
-      (d_loss, d_aux), d_grad = grads(d_loss_fn, d, g, inputs)
+      (d_loss, (d_aux, _)), d_grad = grads(d_loss_fn, d, g, inputs)
       updates, d_opt = gan.discriminator_tx.update(d_grad, state.discriminator_opt, d)
       d = jax.tree.map(jnp.add, d, updates)
-      (g_loss, g_aux), g_grad = grads(g_loss_fn, g, d, inputs)
+      (g_loss, (g_aux, g_spread)), g_grad = grads(g_loss_fn, g, d, inputs)
       updates, g_opt = gan.generator_tx.update(g_grad, state.generator_opt, g)
       g = jax.tree.map(jnp.add, g, updates)
     t = state.step.astype(jnp.float32)
@@ -187,9 +202,18 @@ def make_gan_step(gan, *, global_batch, seed):
     result = {"d_loss": d_loss, "g_loss": g_loss}
     if weight:  # the auxiliary parts (included in the losses above, times the weight)
       result.update(d_aux=d_aux, g_aux=g_aux)
+    if diversity:
+      result.update(g_mode_seeking=g_spread)
     return new_state, result
 
   return step
+
+
+def mode_seeking_loss(first, second, latent, other_latent):
+  """MSGAN's term for pairs (G(z1, c), G(z2, c)): mean over pairs of 1 / (mean|G1 - G2| / mean|z1 - z2| + 1e-5)."""
+  axes = tuple(range(1, first.ndim))
+  ratio = jnp.mean(jnp.abs(first - second), axis=axes) / jnp.mean(jnp.abs(latent - other_latent), axis=-1)
+  return jnp.mean(1.0 / (ratio + 1e-5))
 
 
 def to_image(log_mel):
@@ -299,6 +323,7 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
     if last:
       losses = f" | D {last['d_loss']:.3f} G {last['g_loss']:.3f}"
       losses += f" (aux D {last['d_aux']:.2f} G {last['g_aux']:.2f})" if "d_aux" in last else ""
+      losses += f" (mode seeking {last['g_mode_seeking']:.2f})" if "g_mode_seeking" in last else ""
     progress.update(i, extra=f"GAN {name}{losses}")
     if i % gc.sample_every == 0 or i == gc.steps:
       grid = np.asarray(generate(state.generator_ema, grid_latent, grid_condition))
