@@ -38,6 +38,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 SCALES = ((2, 8), (4, 16), (8, 32), (16, 64), (32, 128), (64, 256), (128, 512))  # (mel bands, frames)
 LATENT_DIM = 512
@@ -311,5 +312,4 @@ def auxiliary_loss(logits, condition):
   with soft targets its minimum is their entropy, not 0. In a data-parallel step the gradients' pmean makes it
   the global batch's mean, as the per-device batches are equal.
   """
-  per_clip = jnp.sum(jnp.maximum(logits, 0.0) - logits * condition + jnp.log1p(jnp.exp(-jnp.abs(logits))), axis=-1)
-  return jnp.mean(per_clip)
+  return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, condition), axis=-1))

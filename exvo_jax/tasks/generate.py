@@ -10,11 +10,11 @@ mode=train (default):
    grids of fixed latents as PNG every `sample_every` steps.
 3. Then sampling and scoring as in mode=sample.
 mode=sample: restores the trained generator(s), writes N clips per emotion as 16 kHz wav files (trailing silence
-cut) in one folder per emotion (the submission layout), a PNG grid of their spectrograms, and scores.json: FID per emotion (generated
-clips vs that emotion's training bin), the generated-vs-train FID matrix (row e: emotion e's generated clips
-against every emotion's training clips; the off-diagonal entries are the shuffled-label control), HEEP and S_GEN
-from a ratings CSV when `ratings_csv` is given, and a classifier-rated HEEP (the same formula with the classifier's
-predicted intensities in place of human ratings), reported as such.
+cut) in one folder per emotion (the submission layout), a PNG grid of their spectrograms, and scores.json: FID
+per emotion (generated clips vs that emotion's training bin), the generated-vs-train FID matrix (row e: emotion
+e's generated clips against every emotion's training clips; the off-diagonal entries are the shuffled-label
+control), HEEP and S_GEN from a ratings CSV when `ratings_csv` is given, and a classifier-rated HEEP (the same
+formula with the classifier's predicted intensities in place of human ratings), reported as such.
 
 Bins: training clips whose label for an emotion is 1.0 (the dominant emotion of the clip). A conditional generator
 is asked for emotion e with the mean intensity vector of e's training bin, i.e. a typical label of such a clip.
@@ -135,8 +135,8 @@ def make_gan_step(gan, *, global_batch, seed):
   0.999^2000 = 13.5% after 2,000 steps).
   """
   def latents(step, local_batch, draw=0):
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), draw) if draw else (
-        jax.random.fold_in(jax.random.PRNGKey(seed), step))
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    key = jax.random.fold_in(key, draw) if draw else key
     every = msggan.sample_latent(key, global_batch)
     start = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch
     return jax.lax.dynamic_slice_in_dim(every, start, local_batch)
@@ -144,28 +144,31 @@ def make_gan_step(gan, *, global_batch, seed):
   weight, diversity = gan.auxiliary_weight, gan.diversity_weight
 
   def scores(g_params, d_params, real_pyramid, latent, condition):
-    """(real scores, fake scores, real condition logits, fake condition logits); logits None without AC."""
+    """(real scores, fake scores, real condition logits, fake condition logits, the fakes at every scale);
+    logits None without AC."""
     fake = gan.generator.apply({"params": g_params}, latent, condition)
-    real = gan.discriminator.apply({"params": d_params}, real_pyramid, condition)
-    fake = gan.discriminator.apply({"params": d_params}, fake, condition)
-    return (real[0], fake[0], real[1], fake[1]) if weight else (real, fake, None, None)
+    real_out = gan.discriminator.apply({"params": d_params}, real_pyramid, condition)
+    fake_out = gan.discriminator.apply({"params": d_params}, fake, condition)
+    if weight:
+      return real_out[0], fake_out[0], real_out[1], fake_out[1], fake
+    return real_out, fake_out, None, None, fake
 
   def d_loss_fn(d_params, g_params, *inputs):
-    real_scores, fake_scores, real_logits, _ = scores(jax.lax.stop_gradient(g_params), d_params, *inputs[:3])
+    real_scores, fake_scores, real_logits, _, _ = scores(jax.lax.stop_gradient(g_params), d_params, *inputs[:3])
     loss = msggan.rahinge_discriminator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
     aux = msggan.auxiliary_loss(real_logits, inputs[2]) if weight else jnp.zeros(())
     return loss + weight * aux, (aux, jnp.zeros(()))
 
   def g_loss_fn(g_params, d_params, *inputs):
-    real_scores, fake_scores, _, fake_logits = scores(g_params, jax.lax.stop_gradient(d_params), *inputs[:3])
+    real_scores, fake_scores, _, fake_logits, fake = scores(g_params, jax.lax.stop_gradient(d_params),
+                                                           *inputs[:3])
     loss = msggan.rahinge_generator_loss(real_scores, fake_scores, axis_name=parallel.DATA_AXIS)
     aux = msggan.auxiliary_loss(fake_logits, inputs[2]) if weight else jnp.zeros(())
     spread = jnp.zeros(())
-    if diversity:  # inputs[3]: the second latents
+    if diversity:  # inputs[3]: the second latents; the first batch of fakes is reused
       _, latent, condition, other = inputs
-      first = gan.generator.apply({"params": g_params}, latent, condition)[-1]
       second = gan.generator.apply({"params": g_params}, other, condition)[-1]
-      spread = mode_seeking_loss(first, second, latent, other)
+      spread = mode_seeking_loss(fake[-1], second, latent, other)
     return loss + weight * aux + diversity * spread, (aux, spread)
 
   def grads(fn, wrt, other, inputs):
