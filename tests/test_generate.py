@@ -236,3 +236,28 @@ def test_mode_seeking_loss_by_hand():
   # Identical clips from different latents cost 1e5 per pair: the generator is pushed to spread them.
   assert float(generate.mode_seeking_loss(jnp.asarray(first), jnp.asarray(first), jnp.asarray(z1),
                                           jnp.asarray(z2))) == pytest.approx(1e5)
+
+
+def test_shuffled_label_control_separates_followed_from_ignored_conditions():
+  """Generated sets that follow their condition score below the control; sets that ignore it do not."""
+  rng = np.random.default_rng(0)
+  centres = rng.normal(0.0, 2.0, size=(4, 6))
+  bins = [c + rng.normal(size=(60, 6)) for c in centres]
+  # A common offset from every bin (fakes look fake) plus the condition's own centre.
+  follows = [c + 1.5 + rng.normal(size=(80, 6)) for c in centres]
+  fids = [float(metrics.fid(g, b)) for g, b in zip(follows, bins)]
+  control, spread = generate.shuffled_label_fid(follows, bins, num_shuffles=4, seed=0)
+  assert control.shape == spread.shape == (4,)
+  assert all(f < c for f, c in zip(fids, control))
+  # Same seed, same control; each permutation keeps the set sizes, so the pooled clips are all used once.
+  np.testing.assert_array_equal(generate.shuffled_label_fid(follows, bins, num_shuffles=4, seed=0)[0], control)
+  # A generator that ignores its condition: every set is a draw from the same mixture.
+  mixture = np.concatenate(follows)
+  ignores = [mixture[rng.permutation(len(mixture))[:80]] for _ in centres]
+  ignored_fids = np.array([float(metrics.fid(g, b)) for g, b in zip(ignores, bins)])
+  ignored_control, _ = generate.shuffled_label_fid(ignores, bins, num_shuffles=8, seed=1)
+  assert np.abs(ignored_fids - ignored_control).max() < 0.25 * ignored_control.min()
+  assert (ignored_fids >= ignored_control).any()
+  # A set smaller than min_clips gets NaN.
+  tiny, _ = generate.shuffled_label_fid([follows[0], follows[1][:1]], bins[:2], num_shuffles=2)
+  assert np.isfinite(tiny[0]) and np.isnan(tiny[1])

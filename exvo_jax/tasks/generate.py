@@ -405,6 +405,31 @@ def fid_matrix(rows, columns, min_clips=2):
   return result
 
 
+def shuffled_label_fid(generated, columns, num_shuffles=5, seed=0, min_clips=2):
+  """The shuffled-label control: FID of each emotion's bin against generated clips whose labels were permuted.
+
+  generated: [rows] embedding sets, one per conditioned emotion; columns: the matching training bins (same order).
+  All generated clips are pooled, their emotion labels permuted at random (each set keeps its size) and the set
+  now labelled e scored against e's bin, averaged over `num_shuffles` permutations. A generator that ignores its
+  condition scores the same as this control, up to sampling noise; one that follows it scores lower. Unlike
+  comparing a row with the other bins, the reference bin is held fixed, so bins that happen to lie near (or far
+  from) every generated set do not decide the comparison. Returns (mean [rows], std [rows]) over permutations.
+  """
+  sizes = [len(g) for g in generated]
+  pooled = np.concatenate(generated)
+  rng = np.random.default_rng(seed)
+  values = np.full((num_shuffles, len(generated)), np.nan)
+  for s in range(num_shuffles):
+    order = rng.permutation(len(pooled))
+    start = 0
+    for i, (size, column) in enumerate(zip(sizes, columns)):
+      chosen = pooled[order[start:start + size]]
+      start += size
+      if size >= min_clips and len(column) >= min_clips:
+        values[s, i] = float(metrics.fid(chosen, column))
+  return values.mean(axis=0), values.std(axis=0)
+
+
 def read_ratings(path, file_ids):
   """Mean human intensity ratings [N, 10] for `file_ids` (wav stems) from a CSV of File_ID + the 10 emotions."""
   with open(path, newline="") as f:
@@ -508,13 +533,16 @@ def score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated)
   matrix = fid_matrix([gen_emb[e] for e in emotions], [train_emb[e] for e in EMOTIONS])
   fids = {e: matrix[i, EMOTIONS.index(e)] for i, e in enumerate(emotions)}
   classifier_rated = heep_and_s_gen(predictions, fids, emotion_of)
+  shuffled, shuffled_std = shuffled_label_fid([gen_emb[e] for e in emotions], [train_emb[e] for e in emotions],
+                                               num_shuffles=config.sample.control_shuffles, seed=config.seed)
   per_emotion = {}
   for i, e in enumerate(emotions):
-    k = EMOTIONS.index(e)
-    wrong = np.delete(matrix[i], k)
+    wrong = np.delete(matrix[i], EMOTIONS.index(e))
     per_emotion[e] = {
-        "fid": fids[e], "control_fid_mean": float(np.nanmean(wrong)) if np.isfinite(wrong).any() else None,
-        "control_fid_min": float(np.nanmin(wrong)) if np.isfinite(wrong).any() else None,
+        "fid": fids[e], "shuffled_label_fid": _finite_or_none(shuffled[i]),
+        "shuffled_label_fid_std": _finite_or_none(shuffled_std[i]),
+        "wrong_bin_fid_mean": float(np.nanmean(wrong)) if np.isfinite(wrong).any() else None,
+        "wrong_bin_fid_min": float(np.nanmin(wrong)) if np.isfinite(wrong).any() else None,
         "train_clips": int(len(bins[e])), "generated_clips": int(len(gen_emb[e])),
         "classifier_heep": classifier_rated.get(e, {}).get("heep"),
         "classifier_s_gen": classifier_rated.get(e, {}).get("s_gen"),
@@ -523,8 +551,15 @@ def score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated)
       "generator": config.generator, "optimiser": config.gan.optimiser, "steps": config.gan.steps,
       "per_emotion": per_emotion,
       "mean_fid": float(np.nanmean([fids[e] for e in emotions])),
-      "mean_control_fid": float(np.nanmean([np.nanmean(np.delete(matrix[i], EMOTIONS.index(e)))
-                                            for i, e in enumerate(emotions)])),
+      "mean_shuffled_label_fid": float(np.nanmean(shuffled)) if np.isfinite(shuffled).any() else None,
+      "below_shuffled_label": int(sum(fids[e] < shuffled[i] for i, e in enumerate(emotions))),
+      "mean_wrong_bin_fid": float(np.nanmean([np.nanmean(np.delete(matrix[i], EMOTIONS.index(e)))
+                                              for i, e in enumerate(emotions)])),
+      "below_wrong_bin_mean": int(sum(fids[e] < per_emotion[e]["wrong_bin_fid_mean"] for e in emotions
+                                      if per_emotion[e]["wrong_bin_fid_mean"] is not None)),
+      "controls_note": "shuffled_label_fid: the emotion's training bin against generated clips with permuted "
+                       "emotion labels (mean over permutations); wrong_bin_fid_mean: the emotion's generated "
+                       "clips against the other emotions' training bins",
       "generated_vs_train_fid": {"rows": emotions, "columns": list(EMOTIONS), "fid": matrix},
       "classifier_heep_all": float(metrics.heep(np.eye(len(EMOTIONS))[emotion_of], predictions)),
       "classifier_heep_note": "HEEP with the FID classifier's predicted intensities in place of human ratings",
@@ -541,14 +576,23 @@ def score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated)
 # ---------------------------------------------------------------------------------------------------------------
 # The task.
 
+def _finite_or_none(value):
+  return float(value) if np.isfinite(value) else None
+
+
 def format_scores(result):
-  lines = [f"{'emotion':<12} {'FID':>8} {'control':>8} {'HEEP(clf)':>9}"]
+  """Table: FID, the shuffled-label control, the wrong-bin mean and the classifier-rated HEEP per emotion."""
+  nan = float("nan")
+  value = lambda v: nan if v is None else v
+  lines = [f"{'emotion':<12} {'FID':>8} {'shuffled':>9} {'wrong bin':>9} {'HEEP(clf)':>9}"]
   for e, v in result["per_emotion"].items():
-    control = v["control_fid_mean"]
-    heep = v["classifier_heep"]
-    lines.append(f"{e:<12} {v['fid']:8.3f} {control if control is not None else float('nan'):8.3f} "
-                 f"{heep if heep is not None else float('nan'):9.3f}")
-  lines.append(f"{'mean':<12} {result['mean_fid']:8.3f} {result['mean_control_fid']:8.3f}")
+    lines.append(f"{e:<12} {v['fid']:8.3f} {value(v['shuffled_label_fid']):9.3f} "
+                 f"{value(v['wrong_bin_fid_mean']):9.3f} {value(v['classifier_heep']):9.3f}")
+  lines.append(f"{'mean':<12} {result['mean_fid']:8.3f} {value(result['mean_shuffled_label_fid']):9.3f} "
+               f"{result['mean_wrong_bin_fid']:9.3f}")
+  n = len(result["per_emotion"])
+  lines.append(f"below control: shuffled label {result['below_shuffled_label']}/{n}, "
+               f"wrong-bin mean {result['below_wrong_bin_mean']}/{n}")
   return "\n".join(lines)
 
 
