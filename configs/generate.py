@@ -71,6 +71,7 @@ def get_config(arg=None):
   config.sample.griffin_lim_iters = 32
   config.sample.batch_size = 25
   config.sample.grid_columns = 8
+  config.sample.weights = "ema"  # or "raw": sample the generator's last training weights, not their average
   config.sample.control_shuffles = 5  # label permutations averaged in the shuffled-label control
 
   if arg.smoke:

@@ -261,3 +261,16 @@ def test_shuffled_label_control_separates_followed_from_ignored_conditions():
   # A set smaller than min_clips gets NaN.
   tiny, _ = generate.shuffled_label_fid([follows[0], follows[1][:1]], bins[:2], num_shuffles=2)
   assert np.isfinite(tiny[0]) and np.isnan(tiny[1])
+
+
+def test_sample_weights_pick_the_moving_average_or_the_last_weights():
+  config = generate_config.get_config("smoke")
+  state = generate.GanState(step=0, generator="last", generator_ema="average", generator_opt=None,
+                            discriminator=None, discriminator_opt=None)
+  gans, means = {"all": ("gan", state)}, {"Awe": "awe-vector"}
+  assert generate.generator_for(config, "Awe", means, gans) == ("gan", "average", "awe-vector")
+  config.sample.weights = "raw"
+  assert generate.generator_for(config, "Awe", means, gans) == ("gan", "last", "awe-vector")
+  config.sample.weights = "best"
+  with pytest.raises(ValueError, match="use ema .* or raw"):
+    generate.generator_for(config, "Awe", means, gans)

@@ -508,12 +508,16 @@ def sample_clips(config, generate, g_params, emotion, condition, out_dir):
 
 
 def generator_for(config, emotion, bins_mean, gans):
-  """(gan, EMA params, condition vector or None) that produce `emotion`."""
+  """(gan, params, condition vector or None) that produce `emotion`; params per `config.sample.weights`."""
+  if config.sample.weights not in ("ema", "raw"):
+    raise ValueError(f"config.sample.weights {config.sample.weights!r}: use ema (the generator's moving average) "
+                     "or raw (its last training weights)")
+  pick = (lambda state: state.generator_ema) if config.sample.weights == "ema" else (lambda state: state.generator)
   if config.generator == "conditional":
     gan, state = gans["all"]
-    return gan, state.generator_ema, bins_mean[emotion]
+    return gan, pick(state), bins_mean[emotion]
   gan, state = gans[emotion]
-  return gan, state.generator_ema, None
+  return gan, pick(state), None
 
 
 def score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated):
