@@ -534,10 +534,11 @@ def score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated)
     emotion_of += [EMOTIONS.index(e)] * len(outputs)
     file_ids += [r["file_id"] for r in generated[e]]
   predictions, emotion_of = np.concatenate(predictions), np.array(emotion_of)
-  matrix = fid_matrix([gen_emb[e] for e in emotions], [train_emb[e] for e in EMOTIONS])
+  generated_sets = [gen_emb[e] for e in emotions]
+  matrix = fid_matrix(generated_sets, [train_emb[e] for e in EMOTIONS])
   fids = {e: matrix[i, EMOTIONS.index(e)] for i, e in enumerate(emotions)}
   classifier_rated = heep_and_s_gen(predictions, fids, emotion_of)
-  shuffled, shuffled_std = shuffled_label_fid([gen_emb[e] for e in emotions], [train_emb[e] for e in emotions],
+  shuffled, shuffled_std = shuffled_label_fid(generated_sets, [train_emb[e] for e in emotions],
                                                num_shuffles=config.sample.control_shuffles, seed=config.seed)
   per_emotion = {}
   for i, e in enumerate(emotions):
@@ -557,8 +558,8 @@ def score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated)
       "mean_fid": float(np.nanmean([fids[e] for e in emotions])),
       "mean_shuffled_label_fid": float(np.nanmean(shuffled)) if np.isfinite(shuffled).any() else None,
       "below_shuffled_label": int(sum(fids[e] < shuffled[i] for i, e in enumerate(emotions))),
-      "mean_wrong_bin_fid": float(np.nanmean([np.nanmean(np.delete(matrix[i], EMOTIONS.index(e)))
-                                              for i, e in enumerate(emotions)])),
+      "mean_wrong_bin_fid": float(np.nanmean([np.nan if per_emotion[e]["wrong_bin_fid_mean"] is None
+                                              else per_emotion[e]["wrong_bin_fid_mean"] for e in emotions])),
       "below_wrong_bin_mean": int(sum(fids[e] < per_emotion[e]["wrong_bin_fid_mean"] for e in emotions
                                       if per_emotion[e]["wrong_bin_fid_mean"] is not None)),
       "controls_note": "shuffled_label_fid: the emotion's training bin against generated clips with permuted "
