@@ -48,6 +48,10 @@ def get_config(arg=None):
   config.gan.sample_every = 1_000  # PNG grid of fixed latents
   config.gan.grid_size = 10
   config.gan.checkpoint_every = 500
+  # Every eval_every steps (and at the last), eval_per_emotion clips per emotion are scored against the validation
+  # bins; the checkpoint with the lowest mean FID is kept as the best and sampled (sample.checkpoint). 0: off.
+  config.gan.eval_every = 1_000
+  config.gan.eval_per_emotion = 50
 
   config.augment = common.ml_collections.ConfigDict()
   reference = dict(speed=0.2, pitch_semitones=3.0, shift_seconds=0.2, noise_std=0.01)
@@ -71,6 +75,7 @@ def get_config(arg=None):
   config.sample.griffin_lim_iters = 32
   config.sample.batch_size = 25
   config.sample.grid_columns = 8
+  config.sample.checkpoint = "best"  # or "latest": the lowest validation FID (gan.eval_every), or the newest
   config.sample.weights = "ema"  # or "raw": sample the generator's last training weights, not their average
   config.sample.control_shuffles = 5  # label permutations averaged in the shuffled-label control
 
@@ -83,6 +88,8 @@ def get_config(arg=None):
     config.gan.log_every = 2
     config.gan.sample_every = 2
     config.gan.checkpoint_every = 2
+    config.gan.eval_every = 2
+    config.gan.eval_per_emotion = 3
     config.gan.log_every_s = 1e9
     config.gan.grid_size = 4
     config.classifier.hidden = 32

@@ -198,6 +198,13 @@ def test_smoke_run_trains_samples_and_scores(tmp_path):
       audio, _ = soundfile.read(str(path), dtype="int16")
       assert np.abs(audio).max() > 1000  # not silent
   assert (workdir / "samples" / "spectrograms.png").read_bytes()[:4] == b"\x89PNG"
+  # The validation FID every gan.eval_every steps; the lowest one's checkpoint is the one sampled.
+  scored = [json.loads(line) for line in (workdir / "metrics_log_gan_all.jsonl").read_text().splitlines()]
+  scored = {row["step"]: row["val_fid"] for row in scored if "val_fid" in row}
+  assert sorted(scored) == list(range(config.gan.eval_every, config.gan.steps + 1, config.gan.eval_every))
+  best = min(scored, key=scored.get)
+  assert scores["sampled_checkpoints"]["all"] == {"checkpoint": "best", "step": best, "val_fid": scored[best],
+                                                  "latest_step": config.gan.steps}
   assert (workdir / "train_val_fid.png").exists()
   table3 = json.loads((workdir / "train_val_fid.json").read_text())
   assert np.array(table3["fid"], dtype=float).shape == (10, 10)
@@ -274,3 +281,57 @@ def test_sample_weights_pick_the_moving_average_or_the_last_weights():
   config.sample.weights = "best"
   with pytest.raises(ValueError, match="use ema .* or raw"):
     generate.generator_for(config, "Awe", means, gans)
+
+
+def test_the_checkpoint_with_the_lowest_validation_fid_is_sampled(tmp_path):
+  """train_gan keeps the state with the lowest finite val_fid as the best; restore_gan samples it (or the latest)."""
+  config = generate_config.get_config("smoke")
+  config.gan.steps, config.gan.eval_every, config.gan.checkpoint_every = 8, 2, 100
+  config.gan.sample_every = 100
+  gan = generate.make_gan(config.gan, conditional=True)
+  rng = np.random.default_rng(0)
+  source = [{"audio": (rng.normal(0, 3000, mel.CLIP_SAMPLES)).astype(np.int16),
+             "emotions": np.eye(10, dtype=np.float32)[k % 10], "file_id": f"c{k}", "speaker": "s"}
+            for k in range(16)]
+  scripted = {2: 5.0, 4: 3.0, 6: float("nan"), 8: 4.0}  # step 6: nothing to rank by, so not a best candidate
+  seen = []
+
+  def evaluate(state):
+    step = int(state.step)
+    seen.append(step)
+    return {"val_fid": scripted[step], "val_fid_Awe": scripted[step]}
+
+  mesh = parallel.make_mesh(1)
+  logged = []
+  final = generate.train_gan(config, gan, "all", source, mesh, str(tmp_path), grid_conditions=np.eye(10),
+                             evaluate=evaluate, log=logged.append)
+  assert seen == [2, 4, 6, 8] and int(final.step) == 8
+  assert any("validation FID 3.000" in line and "best so far 5.000" in line for line in logged), logged
+  lines = [json.loads(line) for line in (tmp_path / "metrics_log_gan_all.jsonl").read_text().splitlines()]
+  assert [row["step"] for row in lines if "val_fid" in row] == [2, 4, 6, 8]
+
+  state, which = generate.restore_gan(config, gan, "all", mesh, str(tmp_path))
+  assert which == {"checkpoint": "best", "step": 4, "val_fid": 3.0, "latest_step": 8}
+  assert int(state.step) == 4
+  expected = jax.tree.leaves(final.generator_ema)[0]
+  assert not np.allclose(jax.tree.leaves(state.generator_ema)[0], expected)  # an earlier state, not the last
+  config.sample.checkpoint = "latest"
+  state, which = generate.restore_gan(config, gan, "all", mesh, str(tmp_path))
+  assert (which["checkpoint"], which["step"], int(state.step)) == ("latest", 8, 8)
+  np.testing.assert_array_equal(jax.tree.leaves(state.generator_ema)[0], expected)
+  config.sample.checkpoint = "newest"
+  with pytest.raises(ValueError, match="use best .* or latest"):
+    generate.restore_gan(config, gan, "all", mesh, str(tmp_path))
+
+
+def test_without_validation_scores_the_latest_checkpoint_is_sampled(tmp_path):
+  config = generate_config.get_config("smoke")
+  config.gan.steps, config.gan.sample_every = 2, 100
+  gan = generate.make_gan(config.gan, conditional=False)
+  source = [{"audio": np.full(mel.CLIP_SAMPLES, 100 * k, np.int16), "emotions": np.zeros(10, np.float32),
+             "file_id": f"c{k}", "speaker": "s"} for k in range(8)]
+  mesh = parallel.make_mesh(1)
+  generate.train_gan(config, gan, "Awe", source, mesh, str(tmp_path), log=lambda _: None)
+  state, which = generate.restore_gan(config, gan, "Awe", mesh, str(tmp_path))
+  assert which == {"checkpoint": "latest", "step": 2, "val_fid": None, "latest_step": 2}
+  assert int(state.step) == 2

@@ -7,9 +7,11 @@ mode=train (default):
 2. The GAN(s): one conditional generator for all emotions (`generator=conditional`, the emotion intensity vector as
    input), or one generator per emotion on that emotion's bin (`per_emotion`, the paper's baseline). Training is
    data-parallel, checkpointed (with the data iterator's position), logs a progress line, and writes spectrogram
-   grids of fixed latents as PNG every `sample_every` steps.
+   grids of fixed latents as PNG every `sample_every` steps. Every `eval_every` steps the generator's clips are
+   scored against the validation bins (FID); the checkpoint with the lowest mean is kept as the best.
 3. Then sampling and scoring as in mode=sample.
-mode=sample: restores the trained generator(s), writes N clips per emotion as 16 kHz wav files (trailing silence
+mode=sample: restores the trained generator(s) (the best checkpoint by validation FID, or the latest: see
+`sample.checkpoint`), writes N clips per emotion as 16 kHz wav files (trailing silence
 cut) in one folder per emotion (the submission layout), a PNG grid of their spectrograms, and scores.json: FID
 per emotion (generated clips vs that emotion's training bin), the generated-vs-train FID matrix (row e: emotion
 e's generated clips against every emotion's training clips; the off-diagonal entries are the shuffled-label
@@ -52,6 +54,7 @@ from exvo_jax.models import msggan
 
 EMOTIONS = schema.EMOTIONS
 SPLITS = ("train", "validation", "test")
+BEST_METRIC = "val_fid"  # ranks a GAN's checkpoints (lower is better): see train_gan and restore_gan
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,8 +279,15 @@ def _augmentation(config):
 # ---------------------------------------------------------------------------------------------------------------
 # Training.
 
-def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None, log=print):
-  """Trains one GAN on `source` (the clips of its bin, or all training clips); returns its final state."""
+def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None, evaluate=None, log=print):
+  """Trains one GAN on `source` (the clips of its bin, or all training clips); returns its final state.
+
+  evaluate: None, or `state -> {"val_fid": float, ...}` (`make_validation_fid`), called every `gan.eval_every`
+  steps and at the last one; its values go to the metrics log, and the state with the lowest finite `val_fid` is
+  also kept as the best checkpoint (sampling reads it, `sample.checkpoint`). GAN training does not converge to a
+  point: the sample quality of one run rises and falls by a wide margin between checkpoints, so the step to
+  sample is chosen on held-out clips rather than being whichever came last.
+  """
   gc = config.gan
   processes = jax.process_count()
   if gc.batch_size % mesh.size:
@@ -290,7 +300,7 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
   make_state = lambda: init_gan_state(gan, config.seed)  # noqa: E731
   abstract = jax.eval_shape(make_state)
   directory = os.path.join(workdir, "checkpoints", f"gan_{name}")
-  ckpt = checkpoint.Checkpointer(directory, max_to_keep=2)
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=2, best_metric=BEST_METRIC, best_mode="min")
   batches = pipeline.make_pipeline(
       source, batch_size=gc.batch_size // processes, train=True, seed=config.seed,
       audio=pipeline.AudioOptions(clip_samples=mel.CLIP_SAMPLES, random_crop=True),
@@ -332,12 +342,23 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
       grid = np.asarray(generate(state.generator_ema, grid_latent, grid_condition))
       images.write_png(os.path.join(samples_dir, f"{name}_step{i:06d}.png"),
                        images.spectrogram_grid(grid, columns=min(gc.grid_size, 5), vmin=mel.PAD_VALUE))
+    scored = None
+    if evaluate is not None and gc.eval_every > 0 and (i % gc.eval_every == 0 or i == gc.steps):
+      scored = evaluate(state)
+      metrics_log.write(i, **scored)
+      best = ckpt.best_value
+      value = scored[BEST_METRIC]
+      log(f"GAN {name} step {i}: validation FID {value:.3f} (mean over emotions; best so far "
+          + ("none" if best is None else f"{best:.3f}") + ")")
+      if not np.isfinite(value):
+        scored = None  # nothing to rank by (every validation bin under 2 clips): not a best candidate
     stop = i < gc.steps and runtime.preemption.should_stop()
-    if i % gc.checkpoint_every == 0 or i == gc.steps or stop:
+    if i % gc.checkpoint_every == 0 or i == gc.steps or stop or scored is not None:
       # Checked before saving, so a saved state never holds non-finite losses.
       runtime.check_finite({k: float(v) for k, v in step_metrics.items()}, step=i, what=f"GAN {name}",
                            checkpointer=ckpt)
-      ckpt.save(i, state, extra={"data": iterator.get_state()})
+      ckpt.save(i, state, extra={"data": iterator.get_state()},
+                metrics=None if scored is None else {BEST_METRIC: scored[BEST_METRIC]})
     if stop:
       ckpt.close()
       raise runtime.Preempted(f"GAN {name} saved at step {i} of {gc.steps} in {directory}")
@@ -346,18 +367,40 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
 
 
 def restore_gan(config, gan, name, mesh, workdir):
-  """The trained GAN state from `workdir`, or a clear error when it has not been trained."""
+  """(state, which) of the trained GAN in `workdir` to sample, or a clear error when it has not been trained.
+
+  `config.sample.checkpoint`: "best" (default) restores the checkpoint with the lowest validation FID
+  (`train_gan`'s `evaluate`), or the latest when none was scored (gan.eval_every = 0, or a run trained before
+  this existed); "latest" restores the newest. `which` records the choice for scores.json: {"checkpoint",
+  "step", "val_fid" (None for an unscored latest), "latest_step"}.
+  """
+  if config.sample.checkpoint not in ("best", "latest"):
+    raise ValueError(f"config.sample.checkpoint {config.sample.checkpoint!r}: use best (lowest validation FID) or "
+                     "latest")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   directory = os.path.join(workdir, "checkpoints", f"gan_{name}")
-  with checkpoint.Checkpointer(directory) as ckpt:
-    abstract = jax.eval_shape(lambda: init_gan_state(gan, config.seed))
-    resumed = ckpt.restore_latest(checkpoint.with_sharding(abstract, replicated))
-  if resumed is None:
-    raise FileNotFoundError(f"mode=sample: no trained GAN {name!r} in {directory}; train it first with the same "
-                            "--workdir (mode=train)")
-  if resumed[0] < config.gan.steps:
-    print(f"GAN {name}: sampling from step {resumed[0]} of {config.gan.steps} (training was not finished)")
-  return resumed[1]
+  with checkpoint.Checkpointer(directory, best_metric=BEST_METRIC, best_mode="min") as ckpt:
+    abstract = checkpoint.with_sharding(jax.eval_shape(lambda: init_gan_state(gan, config.seed)), replicated)
+    resumed = ckpt.restore_latest(abstract)
+    if resumed is None:
+      raise FileNotFoundError(f"mode=sample: no trained GAN {name!r} in {directory}; train it first with the same "
+                              "--workdir (mode=train)")
+    latest = resumed[0]
+    if latest < config.gan.steps:
+      print(f"GAN {name}: the latest checkpoint is step {latest} of {config.gan.steps} (training was not finished)")
+    which = {"checkpoint": "latest", "step": latest, "val_fid": None, "latest_step": latest}
+    best = ckpt.best_step()
+    if config.sample.checkpoint == "best" and best is not None:
+      which.update(checkpoint="best", step=best, val_fid=ckpt.best_value)
+      state = ckpt.restore_best(abstract)
+    else:
+      if config.sample.checkpoint == "best":
+        print(f"GAN {name}: no checkpoint was scored on the validation clips (gan.eval_every = 0?); sampling the "
+              "latest")
+      state = resumed[1]
+  print(f"GAN {name}: sampling step {which['step']} ({which['checkpoint']}"
+        + ("" if which["val_fid"] is None else f", validation FID {which['val_fid']:.3f}") + ")")
+  return state, which
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -476,21 +519,26 @@ def to_int16(audio):
   return np.round(np.clip(scaled, -1.0, 1.0) * 32767).astype(np.int16)
 
 
-def sample_clips(config, generate, g_params, emotion, condition, out_dir):
-  """Writes config.sample.num_per_emotion wav files for `emotion`; returns (records, log-mels [N, 128, 512]).
+def sample_clips(config, generate, g_params, emotion, condition, out_dir, *, num=None, seed=None):
+  """Writes `num` (config.sample.num_per_emotion) wav files for `emotion`; returns (records, log-mels [N, 128, 512]).
+
+  out_dir None writes nothing (the validation FID during training). The latents are drawn from `seed`
+  (config.sample.seed) and the emotion, so the same call makes the same clips.
 
   `generate` is `make_generate_fn(gan)` (made once per GAN, so it compiles once). Each clip is cut after its last
   sounding frame (`mel.sounding_samples`): the generator learnt from clips zero-padded to 4.1 s and ends short
   bursts with silence, which a submission (and the FID classifier, which reads a clip to its end) should not get.
   """
   s = config.sample
-  key = jax.random.fold_in(jax.random.PRNGKey(s.seed), EMOTIONS.index(emotion))
-  latents = msggan.sample_latent(key, s.num_per_emotion)
-  folder = os.path.join(out_dir, emotion)
-  if writers.is_writer():
+  num = s.num_per_emotion if num is None else num
+  key = jax.random.fold_in(jax.random.PRNGKey(s.seed if seed is None else seed), EMOTIONS.index(emotion))
+  latents = msggan.sample_latent(key, num)
+  write = out_dir is not None and writers.is_writer()
+  folder = None if out_dir is None else os.path.join(out_dir, emotion)
+  if write:
     os.makedirs(folder, exist_ok=True)
   records, spectrograms = [], []
-  for start in range(0, s.num_per_emotion, s.batch_size):
+  for start in range(0, num, s.batch_size):
     latent = latents[start:start + s.batch_size]
     cond = None if condition is None else jnp.broadcast_to(jnp.asarray(condition, jnp.float32),
                                                            (latent.shape[0], len(EMOTIONS)))
@@ -501,23 +549,55 @@ def sample_clips(config, generate, g_params, emotion, condition, out_dir):
     for j, clip in enumerate(audio):
       name = f"{emotion}_{start + j + 1:04d}"
       pcm = to_int16(clip[:keep[j]])
-      if writers.is_writer():
+      if write:
         soundfile.write(os.path.join(folder, f"{name}.wav"), pcm, schema.SAMPLE_RATE, subtype="PCM_16")
       records.append({"audio": pcm, "file_id": name, "speaker": "generated"})
   return records, np.concatenate(spectrograms)
 
 
-def generator_for(config, emotion, bins_mean, gans):
-  """(gan, params, condition vector or None) that produce `emotion`; params per `config.sample.weights`."""
+def pick_weights(config):
+  """`state -> generator params` per `config.sample.weights`: the moving average (ema) or the last weights (raw)."""
   if config.sample.weights not in ("ema", "raw"):
     raise ValueError(f"config.sample.weights {config.sample.weights!r}: use ema (the generator's moving average) "
                      "or raw (its last training weights)")
-  pick = (lambda state: state.generator_ema) if config.sample.weights == "ema" else (lambda state: state.generator)
+  return (lambda state: state.generator_ema) if config.sample.weights == "ema" else (lambda state: state.generator)
+
+
+def generator_for(config, emotion, bins_mean, gans):
+  """(gan, params, condition vector or None) that produce `emotion`; params per `config.sample.weights`."""
+  pick = pick_weights(config)
   if config.generator == "conditional":
     gan, state = gans["all"]
     return gan, pick(state), bins_mean[emotion]
   gan, state = gans[emotion]
   return gan, pick(state), None
+
+
+def make_validation_fid(config, gan, emotions, predict_fn, classifier_vars, mesh, val_emb, bins_mean):
+  """`state -> {"val_fid": mean, "val_fid_<emotion>": ...}` for one GAN, to pick the checkpoint to sample.
+
+  Generates `gan.eval_per_emotion` clips of each of `emotions` from fixed latents (seed sample.seed + 1, so every
+  evaluation compares like with like, and none of them are the clips sampled at the end), with the weights
+  sampling uses (`sample.weights`), turns them into audio as sampling does and scores each emotion's clips
+  against its validation bin (`val_emb`: {emotion: embeddings}); the FID is NaN where either side has under 2
+  clips, and the mean skips those. The validation bins are held out from GAN and classifier training, so the
+  training bins that scores.json reports against are not used to choose the checkpoint.
+  """
+  pick = pick_weights(config)
+  generate = make_generate_fn(gan)  # made once: every evaluation reuses its compilation
+
+  def evaluate(state):
+    params, fids = pick(state), {}
+    for e in emotions:
+      condition = bins_mean[e] if gan.conditional else None
+      records, _ = sample_clips(config, generate, params, e, condition, None, num=config.gan.eval_per_emotion,
+                                seed=config.sample.seed + 1)
+      embeddings = embed(predict_fn, classifier_vars, records, config, mesh)[1]
+      fids[e] = fid_matrix([embeddings], [val_emb[e]])[0, 0]
+    finite = [v for v in fids.values() if np.isfinite(v)]
+    return {BEST_METRIC: float(np.mean(finite)) if finite else float("nan"),
+            **{f"{BEST_METRIC}_{e}": float(v) for e, v in fids.items()}}
+  return evaluate
 
 
 def score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated):
@@ -630,16 +710,16 @@ def run(config, workdir):
         + f"; {mesh.size} device(s)")
   start = time.monotonic()
 
-  predict_fn, classifier_vars, floor, train_emb = None, None, None, None
+  predict_fn, classifier_vars, floor, train_emb, val_emb = None, None, None, None, None
   if config.mode == "train" or config.score:
     classifier_vars, history, predict_fn = train_classifier(config, splits, mesh, workdir)
     val = splits["validation"]
     val_bins = emotion_bins(val)
     train_emb = {e: embed(predict_fn, classifier_vars, Subset(train.source, bins[e]), config, mesh)[1]
                  for e in EMOTIONS}
-    val_emb = [embed(predict_fn, classifier_vars, Subset(val.source, val_bins[e]), config, mesh)[1]
-               for e in EMOTIONS]
-    table3 = fid_matrix([train_emb[e] for e in EMOTIONS], val_emb)
+    val_emb = {e: embed(predict_fn, classifier_vars, Subset(val.source, val_bins[e]), config, mesh)[1]
+               for e in EMOTIONS}
+    table3 = fid_matrix([train_emb[e] for e in EMOTIONS], [val_emb[e] for e in EMOTIONS])
     floor = {"rows": "train bins", "columns": "validation bins", "emotions": list(EMOTIONS), "fid": table3,
              "train_clips": [len(bins[e]) for e in EMOTIONS], "val_clips": [len(val_bins[e]) for e in EMOTIONS],
              "classifier_history": history}
@@ -648,16 +728,19 @@ def run(config, workdir):
     print("train-vs-val FID (rows train, columns val), diagonal: "
           + ", ".join(f"{e} {table3[k, k]:.2f}" for k, e in enumerate(EMOTIONS)))
 
-  gans = {}
+  gans, sampled = {}, {}
   names = ["all"] if config.generator == "conditional" else emotions
   for name in names:
     gan = make_gan(config.gan, conditional=config.generator == "conditional")
     if config.mode == "train":
       source = Subset(train.source, np.flatnonzero(train.labelled) if name == "all" else bins[name])
       grid = np.stack([bins_mean[e] for e in emotions]) if gan.conditional else None
-      state = train_gan(config, gan, name, source, mesh, workdir, grid_conditions=grid)
-    else:
-      state = restore_gan(config, gan, name, mesh, workdir)
+      evaluate = None
+      if config.gan.eval_every > 0:
+        evaluate = make_validation_fid(config, gan, emotions if name == "all" else [name], predict_fn,
+                                       classifier_vars, mesh, val_emb, bins_mean)
+      train_gan(config, gan, name, source, mesh, workdir, grid_conditions=grid, evaluate=evaluate)
+    state, sampled[name] = restore_gan(config, gan, name, mesh, workdir)  # the best scored, per sample.checkpoint
     gans[name] = (gan, state)
 
   out_dir = os.path.join(workdir, "samples")
@@ -673,7 +756,7 @@ def run(config, workdir):
   print(f"wrote {sum(len(v) for v in generated.values())} clips to {os.path.abspath(out_dir)} "
         f"({config.sample.num_per_emotion} per emotion; one row per emotion in spectrograms.png)")
 
-  result = {"mode": config.mode, "samples": out_dir, "seconds": None}
+  result = {"mode": config.mode, "samples": out_dir, "seconds": None, "sampled_checkpoints": sampled}
   if predict_fn is not None:
     result.update(score(config, predict_fn, classifier_vars, mesh, bins, train_emb, generated))
     result["train_val_fid_diagonal"] = [float(floor["fid"][k, k]) for k in range(len(EMOTIONS))]
