@@ -75,6 +75,9 @@ def get_config(arg=None):
   config.sample.griffin_lim_iters = 32
   config.sample.batch_size = 25
   config.sample.grid_columns = 8
+  # bin_labels: a conditional generator is asked for emotion e with the intensity vectors of e's training clips
+  # (one per generated clip, dealt in shuffled rounds); bin_mean: with their mean vector for every clip.
+  config.sample.condition = "bin_labels"
   config.sample.checkpoint = "best"  # or "latest": the lowest validation FID (gan.eval_every), or the newest
   config.sample.weights = "ema"  # or "raw": sample the generator's last training weights, not their average
   config.sample.control_shuffles = 5  # label permutations averaged in the shuffled-label control

@@ -19,7 +19,8 @@ control), HEEP and S_GEN from a ratings CSV when `ratings_csv` is given, and a c
 formula with the classifier's predicted intensities in place of human ratings), reported as such.
 
 Bins: training clips whose label for an emotion is 1.0 (the dominant emotion of the clip). A conditional generator
-is asked for emotion e with the mean intensity vector of e's training bin, i.e. a typical label of such a clip.
+is asked for emotion e with the intensity vectors of e's training clips, one per generated clip, or with their
+mean (`sample.condition`; see `sample_conditions`).
 """
 
 import csv
@@ -519,11 +520,23 @@ def to_int16(audio):
   return np.round(np.clip(scaled, -1.0, 1.0) * 32767).astype(np.int16)
 
 
+def deal_conditions(condition, num, rng):
+  """[num, K] float32 conditions: `condition` [K] repeated, or the rows of [n, K] dealt in shuffled rounds."""
+  condition = np.asarray(condition, np.float32)
+  if condition.ndim == 1:
+    return np.broadcast_to(condition, (num, len(condition)))
+  rounds = -(-num // len(condition))
+  return condition[np.concatenate([rng.permutation(len(condition)) for _ in range(rounds)])[:num]]
+
+
 def sample_clips(config, generate, g_params, emotion, condition, out_dir, *, num=None, seed=None):
   """Writes `num` (config.sample.num_per_emotion) wav files for `emotion`; returns (records, log-mels [N, 128, 512]).
 
-  out_dir None writes nothing (the validation FID during training). The latents are drawn from `seed`
-  (config.sample.seed) and the emotion, so the same call makes the same clips.
+  condition: None (an unconditional generator), one intensity vector [10] for every clip, or the intensity
+  vectors of the emotion's training bin [n, 10], dealt to the clips in shuffled rounds (each used once before any
+  is used again), so the clips' conditions follow the bin's label distribution. out_dir None writes nothing (the
+  validation FID during training). The latents and the dealing are drawn from `seed` (config.sample.seed) and the
+  emotion, so the same call makes the same clips.
 
   `generate` is `make_generate_fn(gan)` (made once per GAN, so it compiles once). Each clip is cut after its last
   sounding frame (`mel.sounding_samples`): the generator learnt from clips zero-padded to 4.1 s and ends short
@@ -533,6 +546,10 @@ def sample_clips(config, generate, g_params, emotion, condition, out_dir, *, num
   num = s.num_per_emotion if num is None else num
   key = jax.random.fold_in(jax.random.PRNGKey(s.seed if seed is None else seed), EMOTIONS.index(emotion))
   latents = msggan.sample_latent(key, num)
+  conditions = None
+  if condition is not None:
+    conditions = deal_conditions(condition, num,
+                                 np.random.default_rng([s.seed if seed is None else seed, EMOTIONS.index(emotion)]))
   write = out_dir is not None and writers.is_writer()
   folder = None if out_dir is None else os.path.join(out_dir, emotion)
   if write:
@@ -540,8 +557,7 @@ def sample_clips(config, generate, g_params, emotion, condition, out_dir, *, num
   records, spectrograms = [], []
   for start in range(0, num, s.batch_size):
     latent = latents[start:start + s.batch_size]
-    cond = None if condition is None else jnp.broadcast_to(jnp.asarray(condition, jnp.float32),
-                                                           (latent.shape[0], len(EMOTIONS)))
+    cond = None if conditions is None else jnp.asarray(conditions[start:start + s.batch_size])
     spectrogram = generate(g_params, latent, cond)
     audio = np.asarray(mel.mel_to_audio(spectrogram, num_iters=s.griffin_lim_iters, seed=config.seed))
     spectrograms.append(np.asarray(spectrogram))
@@ -563,17 +579,39 @@ def pick_weights(config):
   return (lambda state: state.generator_ema) if config.sample.weights == "ema" else (lambda state: state.generator)
 
 
-def generator_for(config, emotion, bins_mean, gans):
-  """(gan, params, condition vector or None) that produce `emotion`; params per `config.sample.weights`."""
+def generator_for(config, emotion, conditions, gans):
+  """(gan, params, condition or None) that produce `emotion`; params per `config.sample.weights`.
+
+  conditions: {emotion: what `sample_clips` takes as its condition} (`sample_conditions`).
+  """
   pick = pick_weights(config)
   if config.generator == "conditional":
     gan, state = gans["all"]
-    return gan, pick(state), bins_mean[emotion]
+    return gan, pick(state), conditions[emotion]
   gan, state = gans[emotion]
   return gan, pick(state), None
 
 
-def make_validation_fid(config, gan, emotions, predict_fn, classifier_vars, mesh, val_emb, bins_mean):
+def sample_conditions(config, labels, bins):
+  """{emotion: the condition a conditional generator is asked for}, per `config.sample.condition`.
+
+  bin_labels (default): the intensity vectors of the emotion's training bin, [n, 10] (`sample_clips` deals them
+  to the clips): the generator was trained on each clip's own vector, and the clips of one bin differ in their
+  other nine intensities, so asking for the bin's vectors asks for the bin's spread too. bin_mean: the mean vector
+  of the bin, [10], for every clip (a typical label; the generated set then varies by its latents alone). An
+  empty bin asks for the one-hot vector of its emotion.
+  """
+  if config.sample.condition not in ("bin_labels", "bin_mean"):
+    raise ValueError(f"config.sample.condition {config.sample.condition!r}: use bin_labels (the training bin's "
+                     "intensity vectors) or bin_mean (their mean)")
+  result = {}
+  for k, e in enumerate(EMOTIONS):
+    rows = labels[bins[e]] if len(bins[e]) else np.eye(len(EMOTIONS))[k][None]
+    result[e] = rows if config.sample.condition == "bin_labels" else rows.mean(0)
+  return result
+
+
+def make_validation_fid(config, gan, emotions, predict_fn, classifier_vars, mesh, val_emb, conditions):
   """`state -> {"val_fid": mean, "val_fid_<emotion>": ...}` for one GAN, to pick the checkpoint to sample.
 
   Generates `gan.eval_per_emotion` clips of each of `emotions` from fixed latents (seed sample.seed + 1, so every
@@ -589,7 +627,7 @@ def make_validation_fid(config, gan, emotions, predict_fn, classifier_vars, mesh
   def evaluate(state):
     params, fids = pick(state), {}
     for e in emotions:
-      condition = bins_mean[e] if gan.conditional else None
+      condition = conditions[e] if gan.conditional else None
       records, _ = sample_clips(config, generate, params, e, condition, None, num=config.gan.eval_per_emotion,
                                 seed=config.sample.seed + 1)
       embeddings = embed(predict_fn, classifier_vars, records, config, mesh)[1]
@@ -703,6 +741,7 @@ def run(config, workdir):
   if unknown:
     raise ValueError(f"config.emotions: unknown {sorted(unknown)}; known: {', '.join(EMOTIONS)}")
   labels = np.nan_to_num(train.labels.astype(np.float64))
+  conditions = sample_conditions(config, labels, bins)
   bins_mean = {e: labels[bins[e]].mean(0) if len(bins[e]) else np.eye(len(EMOTIONS))[k]
                for k, e in enumerate(EMOTIONS)}
   print(f"generate ({config.mode}): {config.generator} MSG-GAN, {config.gan.optimiser}, {config.gan.steps} steps "
@@ -738,7 +777,7 @@ def run(config, workdir):
       evaluate = None
       if config.gan.eval_every > 0:
         evaluate = make_validation_fid(config, gan, emotions if name == "all" else [name], predict_fn,
-                                       classifier_vars, mesh, val_emb, bins_mean)
+                                       classifier_vars, mesh, val_emb, conditions)
       train_gan(config, gan, name, source, mesh, workdir, grid_conditions=grid, evaluate=evaluate)
     state, sampled[name] = restore_gan(config, gan, name, mesh, workdir)  # the best scored, per sample.checkpoint
     gans[name] = (gan, state)
@@ -746,7 +785,7 @@ def run(config, workdir):
   out_dir = os.path.join(workdir, "samples")
   generated, grids, generate_fns = {}, [], {}
   for e in emotions:
-    gan, params, condition = generator_for(config, e, bins_mean, gans)
+    gan, params, condition = generator_for(config, e, conditions, gans)
     generate = generate_fns.setdefault(id(gan), make_generate_fn(gan))
     generated[e], spectrograms = sample_clips(config, generate, params, e, condition, out_dir)
     grids.append(spectrograms[:config.sample.grid_columns])
