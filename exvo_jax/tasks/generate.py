@@ -544,12 +544,12 @@ def sample_clips(config, generate, g_params, emotion, condition, out_dir, *, num
   """
   s = config.sample
   num = s.num_per_emotion if num is None else num
-  key = jax.random.fold_in(jax.random.PRNGKey(s.seed if seed is None else seed), EMOTIONS.index(emotion))
+  seed = s.seed if seed is None else seed
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), EMOTIONS.index(emotion))
   latents = msggan.sample_latent(key, num)
   conditions = None
   if condition is not None:
-    conditions = deal_conditions(condition, num,
-                                 np.random.default_rng([s.seed if seed is None else seed, EMOTIONS.index(emotion)]))
+    conditions = deal_conditions(condition, num, np.random.default_rng([seed, EMOTIONS.index(emotion)]))
   write = out_dir is not None and writers.is_writer()
   folder = None if out_dir is None else os.path.join(out_dir, emotion)
   if write:
@@ -592,6 +592,11 @@ def generator_for(config, emotion, conditions, gans):
   return gan, pick(state), None
 
 
+def bin_label_rows(labels, bins):
+  """{emotion: the intensity vectors of its training bin [n, 10]}; an empty bin gets its emotion's one-hot [1, 10]."""
+  return {e: labels[bins[e]] if len(bins[e]) else np.eye(len(EMOTIONS))[k][None] for k, e in enumerate(EMOTIONS)}
+
+
 def sample_conditions(config, labels, bins):
   """{emotion: the condition a conditional generator is asked for}, per `config.sample.condition`.
 
@@ -604,11 +609,8 @@ def sample_conditions(config, labels, bins):
   if config.sample.condition not in ("bin_labels", "bin_mean"):
     raise ValueError(f"config.sample.condition {config.sample.condition!r}: use bin_labels (the training bin's "
                      "intensity vectors) or bin_mean (their mean)")
-  result = {}
-  for k, e in enumerate(EMOTIONS):
-    rows = labels[bins[e]] if len(bins[e]) else np.eye(len(EMOTIONS))[k][None]
-    result[e] = rows if config.sample.condition == "bin_labels" else rows.mean(0)
-  return result
+  rows = bin_label_rows(labels, bins)
+  return rows if config.sample.condition == "bin_labels" else {e: r.mean(0) for e, r in rows.items()}
 
 
 def make_validation_fid(config, gan, emotions, predict_fn, classifier_vars, mesh, val_emb, conditions):
@@ -742,8 +744,7 @@ def run(config, workdir):
     raise ValueError(f"config.emotions: unknown {sorted(unknown)}; known: {', '.join(EMOTIONS)}")
   labels = np.nan_to_num(train.labels.astype(np.float64))
   conditions = sample_conditions(config, labels, bins)
-  bins_mean = {e: labels[bins[e]].mean(0) if len(bins[e]) else np.eye(len(EMOTIONS))[k]
-               for k, e in enumerate(EMOTIONS)}
+  bins_mean = {e: rows.mean(0) for e, rows in bin_label_rows(labels, bins).items()}  # the training grids' rows
   print(f"generate ({config.mode}): {config.generator} MSG-GAN, {config.gan.optimiser}, {config.gan.steps} steps "
         f"of {config.gan.batch_size}; train bins " + ", ".join(f"{e} {len(bins[e])}" for e in EMOTIONS)
         + f"; {mesh.size} device(s)")
