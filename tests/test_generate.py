@@ -199,8 +199,11 @@ def test_smoke_run_trains_samples_and_scores(tmp_path):
       assert np.abs(audio).max() > 1000  # not silent
   assert (workdir / "samples" / "spectrograms.png").read_bytes()[:4] == b"\x89PNG"
   # The validation FID every gan.eval_every steps; the lowest one's checkpoint is the one sampled.
-  scored = [json.loads(line) for line in (workdir / "metrics_log_gan_all.jsonl").read_text().splitlines()]
-  scored = {row["step"]: row["val_fid"] for row in scored if "val_fid" in row}
+  rows = [json.loads(line) for line in (workdir / "metrics_log_gan_all.jsonl").read_text().splitlines()]
+  scored = {row["step"]: row["val_fid"] for row in rows if "val_fid" in row}
+  # Beside it, the shuffled-label control on the same validation bins and how many emotions beat it.
+  for row in (row for row in rows if "val_fid" in row):
+    assert 0 <= row["val_below_shuffled"] <= 10 and row["val_shuffled"] > 0, row
   assert sorted(scored) == list(range(config.gan.eval_every, config.gan.steps + 1, config.gan.eval_every))
   best = min(scored, key=scored.get)
   assert scores["sampled_checkpoints"]["all"] == {"checkpoint": "best", "step": best, "val_fid": scored[best],

@@ -349,7 +349,12 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
       metrics_log.write(i, **scored)
       best = ckpt.best_value
       value = scored[BEST_METRIC]
-      log(f"GAN {name} step {i}: validation FID {value:.3f} (mean over emotions; best so far "
+      control = ""
+      if "val_shuffled" in scored:
+        scored_emotions = sum(k.startswith(f"{BEST_METRIC}_") for k in scored)
+        control = (f"; shuffled-label control {scored['val_shuffled']:.3f}, {scored['val_below_shuffled']}/"
+                   f"{scored_emotions} emotions below it")
+      log(f"GAN {name} step {i}: validation FID {value:.3f} (mean over emotions{control}; best so far "
           + ("none" if best is None else f"{best:.3f}") + ")")
       if not np.isfinite(value):
         scored = None  # nothing to rank by (every validation bin under 2 clips): not a best candidate
@@ -622,21 +627,33 @@ def make_validation_fid(config, gan, emotions, predict_fn, classifier_vars, mesh
   against its validation bin (`val_emb`: {emotion: embeddings}); the FID is NaN where either side has under 2
   clips, and the mean skips those. The validation bins are held out from GAN and classifier training, so the
   training bins that scores.json reports against are not used to choose the checkpoint.
+
+  With more than one emotion it also logs the shuffled-label control on the same validation bins (`score`'s
+  control, `sample.control_shuffles` permutations): `val_shuffled` (its mean over emotions) and
+  `val_below_shuffled` (how many emotions' FID is below their control), so a run shows during training whether
+  its clips follow their condition. They are logged only; the checkpoint is still ranked by `val_fid`.
   """
   pick = pick_weights(config)
   generate = make_generate_fn(gan)  # made once: every evaluation reuses its compilation
 
   def evaluate(state):
-    params, fids = pick(state), {}
+    params, fids, generated = pick(state), {}, []
     for e in emotions:
       condition = conditions[e] if gan.conditional else None
       records, _ = sample_clips(config, generate, params, e, condition, None, num=config.gan.eval_per_emotion,
                                 seed=config.sample.seed + 1)
-      embeddings = embed(predict_fn, classifier_vars, records, config, mesh)[1]
-      fids[e] = fid_matrix([embeddings], [val_emb[e]])[0, 0]
+      generated.append(embed(predict_fn, classifier_vars, records, config, mesh)[1])
+      fids[e] = fid_matrix([generated[-1]], [val_emb[e]])[0, 0]
     finite = [v for v in fids.values() if np.isfinite(v)]
-    return {BEST_METRIC: float(np.mean(finite)) if finite else float("nan"),
-            **{f"{BEST_METRIC}_{e}": float(v) for e, v in fids.items()}}
+    result = {BEST_METRIC: float(np.mean(finite)) if finite else float("nan"),
+              **{f"{BEST_METRIC}_{e}": float(v) for e, v in fids.items()}}
+    if len(emotions) > 1:
+      shuffled = shuffled_label_fid(generated, [val_emb[e] for e in emotions],
+                                    num_shuffles=config.sample.control_shuffles, seed=config.seed)[0]
+      both = [(fids[e], c) for e, c in zip(emotions, shuffled) if np.isfinite(fids[e]) and np.isfinite(c)]
+      result["val_shuffled"] = float(np.mean([c for _, c in both])) if both else float("nan")
+      result["val_below_shuffled"] = int(sum(f < c for f, c in both))
+    return result
   return evaluate
 
 
