@@ -117,3 +117,12 @@ def test_emogator_builder_on_a_small_copy(tmp_path):
   assert {r["speaker"] for r in train}.isdisjoint({r["speaker"] for r in val})
   assert sorted({int(r["category"]) for r in train + val}) == [0, 29]
   assert all(r["audio"].dtype == np.int16 and r["audio"].size == 1600 for r in train + val)  # 0.3 s at 16 kHz
+
+
+def test_cache_dir_is_exvo_cache_and_an_empty_value_counts_as_unset(tmp_path, monkeypatch):
+  monkeypatch.setenv("EXVO_CACHE", str(tmp_path))
+  assert builders.cache_dir() == tmp_path
+  monkeypatch.setenv("EXVO_CACHE", "")  # not the current directory
+  assert builders.cache_dir() == pathlib.Path.home() / ".cache" / "exvo_jax"
+  monkeypatch.delenv("EXVO_CACHE")
+  assert builders.cache_dir() == pathlib.Path.home() / ".cache" / "exvo_jax"

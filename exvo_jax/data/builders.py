@@ -153,8 +153,11 @@ BUILDERS = {"hume_vb": HumeVb, "emogator": Emogator}
 
 
 def cache_dir():
-  """Where built datasets and the demo corpus live: $EXVO_CACHE, else ~/.cache/exvo_jax."""
-  return pathlib.Path(os.environ.get("EXVO_CACHE", pathlib.Path.home() / ".cache" / "exvo_jax"))
+  """Where built datasets and the demo corpus live: $EXVO_CACHE, else (unset or empty) ~/.cache/exvo_jax.
+
+  An empty value counts as unset: `EXVO_CACHE= python -m ...` would otherwise build into the current directory.
+  """
+  return pathlib.Path(os.environ.get("EXVO_CACHE") or pathlib.Path.home() / ".cache" / "exvo_jax")
 
 
 def corpus_key(corpus_root):
