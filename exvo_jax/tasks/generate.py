@@ -351,9 +351,8 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
       value = scored[BEST_METRIC]
       control = ""
       if "val_shuffled" in scored:
-        scored_emotions = sum(k.startswith(f"{BEST_METRIC}_") for k in scored)
-        control = (f"; shuffled-label control {scored['val_shuffled']:.3f}, {scored['val_below_shuffled']}/"
-                   f"{scored_emotions} emotions below it")
+        control = (f"; shuffled-label control {scored['val_shuffled']:.3f}, {scored['val_below_shuffled']} "
+                   "emotions below it")
       log(f"GAN {name} step {i}: validation FID {value:.3f} (mean over emotions{control}; best so far "
           + ("none" if best is None else f"{best:.3f}") + ")")
       if not np.isfinite(value):
