@@ -195,3 +195,26 @@ def test_sounding_samples_cuts_trailing_silence():
     assert min(length, mel.CLIP_SAMPLES) <= got <= min(length + mel.N_FFT, mel.CLIP_SAMPLES), (got, length)
   assert keep[-1] == mel.HOP
   assert mel.sounding_samples(np.asarray(mel.log_mel(audio[1]))) == keep[1]
+
+
+def test_sounding_samples_ignores_a_few_stray_bands_but_keeps_quiet_voice():
+  # A generator's silent tail (as seen in trained GANs): near the padding value, except the two lowest and four
+  # highest bands and one more band in the last three frames, which sit above the threshold (7 bands at most).
+  # The burst ends at frame 200.
+  values = np.full((mel.N_MELS, mel.NUM_FRAMES), mel.PAD_VALUE + 0.2, np.float32)
+  values[:, :201] = -1.0  # the burst: every band loud
+  values[:2, 201:] = mel.PAD_VALUE + 2.0
+  values[-4:, 201:] = mel.PAD_VALUE + 1.5
+  values[64, -3:] = mel.PAD_VALUE + 3.0
+  assert mel.sounding_samples(values) == 200 * mel.HOP + mel.N_FFT // 2
+  # The loudest-band rule keeps the whole clip: the stray bands decide.
+  assert mel.sounding_samples(values, min_bands=1) == (mel.NUM_FRAMES - 1) * mel.HOP
+
+  # A quiet voiced sound (F0 120 Hz, 12 harmonics, peak about -60 dBFS) followed by zeros is kept to its end.
+  length = 30_000
+  t = np.arange(length) / mel.SAMPLE_RATE
+  voice = sum(np.sin(2 * np.pi * 120 * k * t) / k for k in range(1, 13)) * 1e-3 / 3
+  audio = np.zeros(mel.CLIP_SAMPLES, np.float32)
+  audio[:length] = voice
+  keep = mel.sounding_samples(np.asarray(mel.log_mel(audio[None])))[0]
+  assert length <= keep <= length + mel.N_FFT, keep
