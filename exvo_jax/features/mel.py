@@ -324,12 +324,12 @@ def sounding_samples(log_mel_values, *, margin=SILENCE_MARGIN, min_bands=SOUNDIN
 
   Why a count of bands and not the loudest band: a generator's silence is near PAD_VALUE in the middle of the
   spectrogram but not at its borders (the convolutions' zero padding). In the width-16 demo run at 10,000 steps
-  the two lowest bands (centred at 23 and 47 Hz, below any voice) and the top few (centred at 6.8-7.8 kHz) stay above the
-  threshold through the silent tail, and so do the last frames; with the loudest band deciding, no clip was cut
-  and every one was written 4.09 s long with a faint rumble and hiss where the burst had ended. Any vocal sound
-  lights many bands at once (harmonics, breath noise): on 128 zero-padded demo-corpus training clips, 8 of 128
-  bands cut at most one hop (8 ms) more than the loudest band did, and a harmonic tone peaking near -60 dBFS is kept
-  whole (tests/test_mel.py).
+  the two lowest bands (centred at 23 and 47 Hz, below any voice) and the top few (centred at 6.8-7.8 kHz) stay
+  above the threshold through the silent tail, and so do the last frames; with the loudest band deciding, no clip
+  was cut and every one was written 4.09 s long with a faint rumble and hiss where the burst had ended. Any vocal
+  sound lights many bands at once (harmonics, breath noise): on 128 zero-padded demo-corpus training clips, 8 of
+  128 bands cut at most one hop (8 ms) more than the loudest band did, and a harmonic tone peaking near -60 dBFS
+  is kept whole (tests/test_mel.py).
   """
   values = np.asarray(log_mel_values)
   if values.ndim == 2:
