@@ -30,6 +30,7 @@ method, with the same metrics.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Any, Mapping
@@ -52,6 +53,14 @@ def with_sharding(abstract_tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """Returns `abstract_tree` (e.g. from `jax.eval_shape`) with `sharding` on every leaf."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       abstract_tree)
+
+
+def _barrier_prefix(directory: epath.Path) -> ocp.options.MultiprocessingOptions:
+  """Orbax names its multi-process barriers after the step: the latest and the best manager saving the same step
+  at once would meet at one barrier name ("already ongoing") and hang; a prefix per manager folder (the same on
+  every process) keeps them apart."""
+  return ocp.options.MultiprocessingOptions(
+      barrier_sync_key_prefix=hashlib.sha1(os.fspath(directory).encode()).hexdigest()[:12])
 
 
 class Checkpointer:
@@ -78,7 +87,8 @@ class Checkpointer:
     self._latest = ocp.CheckpointManager(
         self.directory / "latest", item_names=_ITEMS,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            multiprocessing_options=_barrier_prefix(self.directory / "latest")))
     self._best = None
     self._best_value = None
     if best_metric is not None:
@@ -86,7 +96,8 @@ class Checkpointer:
           self.directory / "best", item_names=_ITEMS,
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode=best_mode,
-              create=True, enable_async_checkpointing=async_save))
+              create=True, enable_async_checkpointing=async_save,
+              multiprocessing_options=_barrier_prefix(self.directory / "best")))
       self._best_value = self._stored_best_value()
 
   def _stored_best_value(self) -> float | None:
