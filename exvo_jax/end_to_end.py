@@ -78,14 +78,12 @@ class Split:
 
   @classmethod
   def read(cls, source, target):
-    file_ids, speakers, labels, labelled = [], [], [], []
-    for i in range(len(source)):
-      record = source[i]
-      file_ids.append(pipeline.as_str(record["file_id"]))
-      speakers.append(pipeline.as_str(record["speaker"]))
-      labels.append(record[target.label_key])
-      labelled.append(bool(record.get("labelled", True)))
-    return cls(source, np.array(file_ids), np.array(speakers), np.array(labels), np.array(labelled, bool))
+    """The split's metadata (no audio decoded when `source` is a built split, see `pipeline.metadata`)."""
+    columns = pipeline.metadata(source)
+    n = len(source)
+    labelled = columns["labelled"].astype(bool) if "labelled" in columns else np.ones(n, bool)
+    return cls(source, np.asarray(columns["file_id"]).astype(str), np.asarray(columns["speaker"]).astype(str),
+               np.asarray(columns[target.label_key]), labelled)
 
   def batch(self, indices, options, batch_size=None):
     """A collated batch of the clips at `indices` (padded with invalid rows up to `batch_size`)."""

@@ -1,7 +1,10 @@
 """The hume_vb and emogator TFDS builders: what is written is what is read back, in every layout variant."""
 
+import hashlib
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -81,18 +84,137 @@ def test_prepare_reuses_a_built_dataset(tmp_path):
   assert os.path.getmtime(pathlib.Path(again.data_dir) / builders.REPORT_FILE) == stamp
 
 
-def test_no_tensorflow_needed(tmp_path):
-  import subprocess, sys
-  root = release_fixtures.write_release(tmp_path / "release", release_fixtures.make_clips((1, 1, 1), 2))
-  code = ("import sys\n"
+# A stand-in `tensorflow` package: importing it (in the test's process or any worker) leaves a marker file and
+# fails, so even an import attempt that the caller would have caught is seen.
+_FAKE_TENSORFLOW = """
+import os, pathlib
+pathlib.Path(os.environ["TF_IMPORT_MARKER"]).write_text("imported")
+raise ImportError("tensorflow is not installed (test stand-in)")
+"""
+
+
+def _run_without_tensorflow(tmp_path, code):
+  fake = tmp_path / "fake_tf"
+  (fake / "tensorflow").mkdir(parents=True)
+  (fake / "tensorflow" / "__init__.py").write_text(_FAKE_TENSORFLOW)
+  marker = tmp_path / "tf_import_attempted"
+  env = {**os.environ, "TF_IMPORT_MARKER": os.fspath(marker),
+         "PYTHONPATH": os.pathsep.join([os.fspath(fake)] + sys.path)}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(), env=env,
+                       timeout=300)
+  return out, marker.exists()
+
+
+def test_tfds_spill_path_needs_tensorflow(tmp_path):
+  """The control: past its memory limit (lowered here to 0 bytes), TFDS's own shuffling writer spills to disk
+  through tf.io.gfile, which fails without TensorFlow. This is how the real release's build used to fail."""
+  code = ("import tensorflow_datasets as tfds\n"
+          "from tensorflow_datasets.core import shuffle\n"
+          "shuffle.MAX_MEM_BUFFER_SIZE = 0\n"
+          f"shuffler = shuffle.Shuffler({os.fspath(tmp_path)!r}, 'train')\n"
+          "shuffler.add(1, b'record')\n")
+  out, attempted = _run_without_tensorflow(tmp_path, code)
+  assert out.returncode != 0 and attempted, out.stderr[-2000:]
+
+
+def test_build_never_imports_tensorflow_past_the_spill_limit(tmp_path):
+  """The same lowered limit, a build in several shards written by 2 worker processes, every record read back:
+  no process tries to import TensorFlow."""
+  rows = release_fixtures.make_clips((2, 1, 1), 3)
+  root = release_fixtures.write_release(tmp_path / "release", rows)
+  code = ("from tensorflow_datasets.core import shuffle\n"
+          "shuffle.MAX_MEM_BUFFER_SIZE = 0\n"
           "from exvo_jax.data import builders\n"
-          f"b, _ = builders.prepare('hume_vb', {os.fspath(root)!r}, config='audio', data_dir={os.fspath(tmp_path)!r})\n"
-          "print(len(builders.data_source(b, 'train')))\n"
-          "assert not any(m == 'tensorflow' or m.startswith('tensorflow.') for m in sys.modules), 'TF imported'\n")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(),
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.strip().splitlines()[-1] == "2"  # one Train speaker with two clips
+          "builders.MIN_PARALLEL_RECORDS, builders.SHARD_RECORDS = 0, 2\n"
+          f"b, report = builders.prepare('hume_vb', {os.fspath(root)!r}, config='audio', "
+          f"data_dir={os.fspath(tmp_path / 'tfds')!r}, processes=2, log=None)\n"
+          "n = 0\n"
+          "for split in b.info.splits:\n"
+          "  source = builders.data_source(b, split)\n"
+          "  n += sum(int(source[i]['audio'].size > 0) for i in range(len(source)))\n"
+          "print(n, len(b.info.splits['train'].shard_lengths))\n")
+  out, attempted = _run_without_tensorflow(tmp_path, code)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert not attempted, "a process tried to import tensorflow"
+  assert out.stdout.split() == [str(len(rows)), "3"]  # every clip; Train's 6 clips in 3 shards of 2
+
+
+def _md5_order(split, keys):
+  """TFDS's record order, computed here from its definition: md5(split name + key) as a 128-bit integer."""
+  return sorted(keys, key=lambda k: int(hashlib.md5(split.encode() + k.encode()).hexdigest(), 16))
+
+
+def test_parallel_shards_keep_the_record_order_and_the_metadata(tmp_path):
+  """Shards of one record written by 2 workers, with a missing wav (its shard ends up empty and is dropped): the
+  records come back in TFDS's order, the missing clip is reported, and the metadata file matches every record."""
+  rows = release_fixtures.make_clips((3, 2, 2), 3)
+  root = release_fixtures.write_release(tmp_path / "release", rows)
+  missing = next(r for r in rows if r["split"] == "Train")["stem"]
+  (root / "wav" / f"{missing}.wav").unlink()
+  serial, _ = builders.prepare("hume_vb", root, config="audio", data_dir=tmp_path / "serial", log=None)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(builders, "MIN_PARALLEL_RECORDS", 0)
+    m.setattr(builders, "SHARD_RECORDS", 1)
+    parallel, report = builders.prepare("hume_vb", root, config="audio", data_dir=tmp_path / "parallel",
+                                        processes=2, log=None)
+  assert [p["kind"] for p in report["problems"]] == ["missing_audio"] and missing in report["problems"][0]["file"]
+  by_stem = {r["stem"]: r for r in rows}
+  for split, tfds_split in builders.TFDS_SPLITS.items():
+    expected = _md5_order(tfds_split, [r["stem"] for r in rows if r["split"] == split and r["stem"] != missing])
+    records = builders.data_source(parallel, tfds_split)
+    again = builders.data_source(serial, tfds_split)
+    assert len(parallel.info.splits[tfds_split].shard_lengths) == len(expected)  # the empty shard was dropped
+    assert [records[i]["file_id"].decode().strip("[]") for i in range(len(records))] == expected
+    metadata = records.metadata
+    assert sorted(metadata) == sorted(["file_id", "speaker", "age", "country", "emotions", "labelled", "avb_high",
+                                       "avb_two", "avb_culture", "avb_type", "num_samples"])
+    for i, stem in enumerate(expected):
+      record, row = records[i], by_stem[stem]
+      np.testing.assert_array_equal(record["audio"], row["audio"])
+      np.testing.assert_array_equal(record["audio"], again[i]["audio"])  # one worker or two: the same records
+      assert metadata["file_id"][i] == record["file_id"].decode() and metadata["speaker"][i] == str(row["speaker"])
+      assert metadata["num_samples"][i] == row["audio"].size
+      np.testing.assert_array_equal(metadata["emotions"][i], row["emotions"])  # NaN where unlabelled
+      for key in ("age", "country", "labelled", "avb_type"):
+        assert metadata[key][i] == record[key], key
+      for key in ("avb_high", "avb_two", "avb_culture"):
+        np.testing.assert_array_equal(metadata[key][i], record[key])
+
+
+class _NoAudio:
+  """Stands in for a split's records: any access to a record (and so to its audio) fails."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, index):
+    raise AssertionError(f"record {index} was read: start-up must use the metadata file")
+
+
+def test_start_up_reads_the_metadata_not_the_audio(tmp_path):
+  from exvo_jax import end_to_end
+  from exvo_jax.tasks import describe
+  rows = release_fixtures.make_clips((2, 1, 1), 3)
+  root = release_fixtures.write_release(tmp_path / "release", rows)
+  builder, _ = builders.prepare("hume_vb", root, config="audio", data_dir=tmp_path / "tfds")
+  target = end_to_end.make_target("hume_vb")
+  for split, tfds_split in builders.TFDS_SPLITS.items():
+    records = builders.data_source(builder, tfds_split)
+    blind = builders.Records(_NoAudio(len(records)), records._metadata_path)
+    table = end_to_end.Split.read(blind, target)
+    summary = describe.summarise(blind)
+    expected = [by for by in rows if by["split"] == split]
+    order = [records[i]["file_id"].decode() for i in range(len(records))]
+    assert list(table.file_id) == order
+    want = {r["stem"]: r for r in expected}
+    np.testing.assert_array_equal(table.labels, np.stack([want[f.strip("[]")]["emotions"] for f in order]))
+    assert list(table.speaker) == [str(want[f.strip("[]")]["speaker"]) for f in order]
+    assert summary["clips"] == len(expected)
+    assert summary["speakers"] == len({r["speaker"] for r in expected})
+    assert summary["hours"] == pytest.approx(sum(r["audio"].size for r in expected) / 16_000 / 3600)
 
 
 EMOGATOR = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "emogator"

@@ -86,6 +86,25 @@ def as_str(value):
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def metadata(source):
+  """Every field of a split's records except the audio, as arrays with a leading [N] axis (text as str).
+
+  Built splits (`builders.Records`) carry these in a file written at build time, so no audio is decoded; any other
+  sequence of dicts (in-memory tables, test doubles) is read record by record.
+  """
+  if hasattr(source, "metadata"):
+    return source.metadata
+  columns = {}
+  for i in range(len(source)):
+    for key, value in source[i].items():
+      if key == "audio":
+        columns.setdefault("num_samples", []).append(np.asarray(value).shape[0])
+      else:
+        columns.setdefault(key, []).append(as_str(value) if key in STRING_FIELDS else value)
+  return {key: np.array(values) if key in STRING_FIELDS else np.stack([np.asarray(v) for v in values])
+          for key, values in columns.items()}
+
+
 def collate(records, *, batch_size, options=None):
   """Stacks records (None = padding row) into a batch of `batch_size` rows; see the module docstring."""
   template = next(r for r in records if r is not None)

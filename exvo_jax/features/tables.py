@@ -73,11 +73,11 @@ def _clip_features(sources, feature_set, cache_dir, processes, log):
   """
   located, records = {}, {}
   for split, source in sources.items():
-    records[split] = []
-    for i in range(len(source)):
-      record = source[i]
+    columns = pipeline.metadata(source)  # ids and labels without decoding any audio
+    columns.pop("num_samples", None)
+    records[split] = [{k: v[i] for k, v in columns.items()} for i in range(len(source))]
+    for i, record in enumerate(records[split]):
       located[_stem(record)] = (split, i)
-      records[split].append({k: v for k, v in record.items() if k != "audio"})
   values = opensmile_lib.extract(located, lambda stem: sources[located[stem][0]][located[stem][1]]["audio"],
                                  feature_set, pathlib.Path(cache_dir) / feature_set, processes=processes, log=log)
   return {split: (records[split], [values[_stem(r)] for r in records[split]]) for split in sources}

@@ -7,29 +7,32 @@ import numpy as np
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
+from exvo_jax.data import pipeline
 from exvo_jax.data import schema
 
 
 def summarise(records, sample_rate=schema.SAMPLE_RATE):
-  """Per-split figures from a split's records: clips, speakers, hours and label means."""
-  records = list(records)
+  """Per-split figures from a split's records: clips, speakers, hours and label means (from the metadata: no audio
+  is decoded for a built split)."""
+  columns = pipeline.metadata(records)
+  num_clips = len(records)
   summary = {
-      "clips": len(records),
-      "speakers": len({r["speaker"] for r in records}),
-      "hours": sum(r["audio"].shape[0] for r in records) / sample_rate / 3600,
+      "clips": num_clips,
+      "speakers": len(set(columns["speaker"].tolist())) if num_clips else 0,
+      "hours": float(columns["num_samples"].sum()) / sample_rate / 3600 if num_clips else 0.0,
   }
-  if records and "emotions" in records[0]:
-    labelled = np.array([r["emotions"] for r in records if r["labelled"]]).reshape(-1, len(schema.EMOTIONS))
+  if num_clips and "emotions" in columns:
+    labelled = columns["emotions"][columns["labelled"].astype(bool)].reshape(-1, len(schema.EMOTIONS))
     summary["labelled_clips"] = int(labelled.shape[0])
     summary["emotion_means"] = dict(zip(schema.EMOTIONS, labelled.mean(0).round(3).tolist())) if labelled.size \
         else {}
-    ages = np.array([r["age"] for r in records], np.float64)
+    ages = columns["age"].astype(np.float64)
     summary["age_mean"] = float(np.nanmean(ages)) if np.isfinite(ages).any() else float("nan")
-    countries = np.array([r["country"] for r in records])
+    countries = columns["country"]
     summary["countries"] = {c: int((countries == i).sum()) for i, c in enumerate(schema.COUNTRIES)}
     summary["countries"]["unknown"] = int((countries < 0).sum())
-  if records and "category" in records[0]:
-    summary["categories"] = int(len({int(r["category"]) for r in records}))
+  if num_clips and "category" in columns:
+    summary["categories"] = int(len(set(columns["category"].tolist())))
   return summary
 
 
