@@ -195,10 +195,40 @@ def test_ensure_demo_corpus_builds_once_and_repairs(tmp_path, monkeypatch):
 
 
 def test_sizes():
-  assert {"tiny", "small", "default"} <= set(demo.SIZES)
+  assert {"tiny", "small", "default", "release"} <= set(demo.SIZES)
   assert demo.SIZES["tiny"].num_clips < demo.SIZES["small"].num_clips < demo.SIZES["default"].num_clips
   with pytest.raises(ValueError):
     demo.write_demo_corpus("/nonexistent", size="huge")
+
+
+def test_release_size_has_the_release_shape():
+  """Table 1 of the ExVo paper: 19,990 / 19,396 / 19,815 clips of 571 / 568 / 563 speakers."""
+  size = demo.SIZES["release"]
+  assert size.num_clips == 59_201
+  for split, clips, speakers in (("Train", 19_990, 571), ("Val", 19_396, 568), ("Test", 19_815, 563)):
+    per_speaker = size.speaker_clips(split)
+    assert len(per_speaker) == speakers and sum(per_speaker) == clips
+    assert max(per_speaker) - min(per_speaker) <= 1  # as even as whole clips allow
+
+
+def test_uneven_clip_counts_are_written_as_declared(tmp_path):
+  size = demo.DemoSize(2, 2, 2, 3, clips=(7, 5, 6))  # 4 + 3, 3 + 2, 3 + 3 clips
+  root = demo.write_demo_corpus(tmp_path / "uneven", size=size, seed=SEED)
+  rows = _read_csv(root / "data_info.csv")
+  per_speaker = {}
+  for row in rows:
+    per_speaker.setdefault((row["Split"], row["Subject_ID"]), []).append(row)
+  counts = {split: sorted(len(v) for (s, _), v in per_speaker.items() if s == split) for split in schema.SPLITS}
+  assert counts == {"Train": [3, 4], "Val": [2, 3], "Test": [3, 3]}
+  assert len(list((root / "wav").glob("*.wav"))) == 18
+  for (split, _), speaker_rows in per_speaker.items():  # two support clips per Test speaker, whatever its count
+    labelled = sum(all(row[e] != "" for e in schema.EMOTIONS) for row in speaker_rows)
+    assert labelled == (2 if split == "Test" else len(speaker_rows))
+
+
+def test_parallel_writing_is_byte_identical_to_serial(tmp_path, tiny):
+  parallel = demo.write_demo_corpus(tmp_path / "parallel", size="tiny", seed=SEED, processes=2)
+  assert _hashes(parallel) == _hashes(tiny)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,9 +58,11 @@ Usage: `ensure_demo_corpus(cache_dir)` (built once, then reused) or
 """
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import io
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -72,6 +74,8 @@ import soundfile
 
 from exvo_jax.data import schema
 
+# From this many clips on, ensure_demo_corpus renders in worker processes (starting them costs about 2 s).
+PARALLEL_CLIPS = 4096
 # Bumped whenever the generator's output changes, so cached corpora are rebuilt.
 GENERATOR_VERSION = 1
 _MARKER = ".demo_complete"
@@ -91,21 +95,37 @@ _CORPUS_STREAM, _SPEAKER_STREAM, _CLIP_STREAM = 0, 1, 2
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
-  """How many speakers per split and clips per speaker a demo corpus has."""
+  """How many speakers per split and clips per speaker a demo corpus has.
+
+  `clips` optionally gives each split's (Train, Val, Test) clip count; a split's clips are then spread as evenly as
+  possible over its speakers (the first speakers get one more). Without it every speaker has `clips_per_speaker`.
+  """
   train_speakers: int
   val_speakers: int
   test_speakers: int
   clips_per_speaker: int
+  clips: tuple[int, int, int] | None = None
+
+  def speaker_clips(self, split):
+    """Clips of each speaker of `split` ('Train', 'Val' or 'Test'), in speaker order."""
+    speakers = {"Train": self.train_speakers, "Val": self.val_speakers, "Test": self.test_speakers}[split]
+    if self.clips is None:
+      return [self.clips_per_speaker] * speakers
+    total = self.clips[schema.SPLITS.index(split)]
+    base, extra = divmod(total, speakers)
+    return [base + (i < extra) for i in range(speakers)]
 
   @property
   def num_clips(self):
-    return (self.train_speakers + self.val_speakers + self.test_speakers) * self.clips_per_speaker
+    return sum(sum(self.speaker_clips(split)) for split in schema.SPLITS)
 
 
 SIZES = {
     "tiny": DemoSize(6, 3, 3, 8),  # 96 clips: unit tests, ~1 s
     "small": DemoSize(32, 24, 4, 8),  # 480 clips: learnability tests (many speakers, few clips each), ~6 s
     "default": DemoSize(48, 20, 20, 16),  # 1,408 clips (~51 min of audio): smoke runs, tutorials; ~17 s
+    # The release's shape (Table 1 of the ExVo paper): 59,201 clips, about 36 h; benchmarks/full_size.py.
+    "release": DemoSize(571, 568, 563, 35, clips=(19_990, 19_396, 19_815)),
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -641,7 +661,7 @@ def _write_csv(path, header, rows):
     writer.writerows(rows)
 
 
-def write_demo_corpus(root, *, size="default", seed=0, country_as="name"):
+def write_demo_corpus(root, *, size="default", seed=0, country_as="name", processes=1):
   """Writes a synthetic corpus in the HUME-VB (+ A-VB labels) release layout under `root`.
 
   Args:
@@ -650,6 +670,8 @@ def write_demo_corpus(root, *, size="default", seed=0, country_as="name"):
     seed: integer; the same seed gives byte-identical files, different seeds different corpora.
     country_as: "name" writes the country name in `Country`; "code" writes the integer 0-3 (schema.COUNTRIES
       order) in `Country` plus the name in `Country_string` (both variants exist in circulation).
+    processes: worker processes rendering the clips (the files do not depend on it). Each worker holds one clip's
+      audio at a time; the parent keeps only the CSV rows.
   Returns:
     `root` as a pathlib.Path.
   """
@@ -665,66 +687,100 @@ def write_demo_corpus(root, *, size="default", seed=0, country_as="name"):
   num_speakers = sum(counts.values())
   subjects = corpus_rng.choice(10 * num_speakers + 100, num_speakers, replace=False)
   file_ids = corpus_rng.choice(100_000, size.num_clips, replace=False)  # 5 digits, zero-padded when written
-  speakers = []
+  speakers, jobs, first_clip = [], [], 0
   for split in schema.SPLITS:
     countries = corpus_rng.permutation(np.resize(np.arange(len(schema.COUNTRIES)), counts[split]))  # balanced
-    for country in countries:
+    for country, num_clips in zip(countries, size.speaker_clips(split)):
       index = len(speakers)
-      speakers.append(_make_speaker(seed, index, f"Speaker_{subjects[index]}", split, int(country),
-                                    size.clips_per_speaker))
-  support = {spk.index: set(corpus_rng.choice(size.clips_per_speaker, 2, replace=False).tolist())
-             for spk in speakers if spk.split == "Test"}
+      speakers.append(_make_speaker(seed, index, f"Speaker_{subjects[index]}", split, int(country), num_clips))
+      jobs.append(_SpeakerJob(os.fspath(root), seed, country_as, speakers[-1], first_clip,
+                              file_ids[first_clip:first_clip + num_clips]))
+      first_clip += num_clips
+  for job in jobs:
+    if job.speaker.split == "Test":
+      job.support = set(corpus_rng.choice(len(job.file_ids), 2, replace=False).tolist())
+
+  rows = {name: [] for name in ("info", "high", "two", "culture", "type")}
+  if processes > 1:
+    # spawn, not fork: the caller may hold JAX's threads. Jobs are whole speakers, results come back in order.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+      results = pool.map(_write_speaker, jobs, chunksize=4)
+      for result in results:
+        for name, speaker_rows in result.items():
+          rows[name].extend(speaker_rows)
+  else:
+    for job in jobs:
+      for name, speaker_rows in _write_speaker(job).items():
+        rows[name].extend(speaker_rows)
 
   info_header = ["File_ID", "Subject_ID", "Split", "Age", "Country"]
   info_header += ["Country_string"] if country_as == "code" else []
   info_header += list(schema.EMOTIONS)
-  info_rows, high_rows, two_rows, culture_rows, type_rows = [], [], [], [], []
-  for spk in speakers:
-    for k, dominant in enumerate(spk.dominants):
-      clip_index = spk.index * size.clips_per_speaker + k
-      rng = np.random.default_rng([seed, _CLIP_STREAM, clip_index])
-      expressed, labels = _clip_intensities(spk, int(dominant), rng)
-      samples = _render_clip(spk, int(dominant), expressed, rng)
-      two, culture, voc_type = _avb_labels(labels, int(dominant), rng)
-      stem = f"{file_ids[clip_index]:05d}"
-      buffer = io.BytesIO()  # one write per file: soundfile's many small seeks are slow on some disks
-      soundfile.write(buffer, samples, SR, subtype="PCM_16", format="WAV")
-      (root / "wav" / f"{stem}.wav").write_bytes(buffer.getvalue())
-
-      file_id, test = f"[{stem}]", spk.split == "Test"
-      if test:
-        age, country = "", [""] * (2 if country_as == "code" else 1)
-      else:
-        name = schema.COUNTRIES[spk.country]
-        age, country = f"{spk.age:.1f}", ([str(spk.country), name] if country_as == "code" else [name])
-      emotions = [_fmt(v) for v in labels] if (not test or k in support[spk.index]) else [""] * NUM_EMOTIONS
-      info_rows.append([file_id, spk.subject, spk.split, age, *country, *emotions])
-      hidden = lambda m: ["-1"] * m  # A-VB writes hidden test labels as -1
-      high_rows.append([file_id, spk.split, *(hidden(NUM_EMOTIONS) if test else [_fmt(v) for v in labels])])
-      two_rows.append([file_id, spk.split, *(hidden(2) if test else [_fmt(v) for v in two])])
-      culture_rows.append([file_id, spk.split, *(hidden(culture.size) if test else [_fmt(v) for v in culture])])
-      type_rows.append([file_id, spk.split, "-1" if test else voc_type])
-
-  _write_csv(root / "data_info.csv", info_header, info_rows)
-  _write_csv(root / "labels" / "high_info.csv", ["File_ID", "Split", *schema.EMOTIONS], high_rows)
-  _write_csv(root / "labels" / "two_info.csv", ["File_ID", "Split", *schema.AVB_TWO], two_rows)
-  _write_csv(root / "labels" / "culture_info.csv", ["File_ID", "Split", *schema.AVB_CULTURE], culture_rows)
-  _write_csv(root / "labels" / "type_info.csv", ["File_ID", "Split", "Voc_Type"], type_rows)
+  _write_csv(root / "data_info.csv", info_header, rows["info"])
+  _write_csv(root / "labels" / "high_info.csv", ["File_ID", "Split", *schema.EMOTIONS], rows["high"])
+  _write_csv(root / "labels" / "two_info.csv", ["File_ID", "Split", *schema.AVB_TWO], rows["two"])
+  _write_csv(root / "labels" / "culture_info.csv", ["File_ID", "Split", *schema.AVB_CULTURE], rows["culture"])
+  _write_csv(root / "labels" / "type_info.csv", ["File_ID", "Split", "Voc_Type"], rows["type"])
   return root
+
+
+@dataclasses.dataclass
+class _SpeakerJob:
+  """One speaker's clips to render: global clip indices first_clip, first_clip + 1, ... (their random streams)."""
+  root: str
+  seed: int
+  country_as: str
+  speaker: _Speaker
+  first_clip: int
+  file_ids: np.ndarray
+  support: set = dataclasses.field(default_factory=set)  # Test speakers: which of their clips carry labels
+
+
+def _write_speaker(job):
+  """Renders and writes one speaker's wav files; returns their CSV rows {csv name: [row, ...]} in clip order."""
+  spk, wav_dir = job.speaker, pathlib.Path(job.root) / "wav"
+  rows = {name: [] for name in ("info", "high", "two", "culture", "type")}
+  for k, dominant in enumerate(spk.dominants):
+    rng = np.random.default_rng([job.seed, _CLIP_STREAM, job.first_clip + k])
+    expressed, labels = _clip_intensities(spk, int(dominant), rng)
+    samples = _render_clip(spk, int(dominant), expressed, rng)
+    two, culture, voc_type = _avb_labels(labels, int(dominant), rng)
+    stem = f"{job.file_ids[k]:05d}"
+    buffer = io.BytesIO()  # one write per file: soundfile's many small seeks are slow on some disks
+    soundfile.write(buffer, samples, SR, subtype="PCM_16", format="WAV")
+    (wav_dir / f"{stem}.wav").write_bytes(buffer.getvalue())
+
+    file_id, test = f"[{stem}]", spk.split == "Test"
+    if test:
+      age, country = "", [""] * (2 if job.country_as == "code" else 1)
+    else:
+      name = schema.COUNTRIES[spk.country]
+      age, country = f"{spk.age:.1f}", ([str(spk.country), name] if job.country_as == "code" else [name])
+    emotions = [_fmt(v) for v in labels] if (not test or k in job.support) else [""] * NUM_EMOTIONS
+    rows["info"].append([file_id, spk.subject, spk.split, age, *country, *emotions])
+    hidden = lambda m: ["-1"] * m  # A-VB writes hidden test labels as -1
+    rows["high"].append([file_id, spk.split, *(hidden(NUM_EMOTIONS) if test else [_fmt(v) for v in labels])])
+    rows["two"].append([file_id, spk.split, *(hidden(2) if test else [_fmt(v) for v in two])])
+    rows["culture"].append([file_id, spk.split, *(hidden(culture.size) if test else [_fmt(v) for v in culture])])
+    rows["type"].append([file_id, spk.split, "-1" if test else voc_type])
+  return rows
 
 
 def _size_name(size):
   if isinstance(size, DemoSize):
-    return (f"{size.train_speakers}-{size.val_speakers}-{size.test_speakers}x{size.clips_per_speaker}")
+    clips = f"x{size.clips_per_speaker}" if size.clips is None else "x" + "-".join(map(str, size.clips))
+    return f"{size.train_speakers}-{size.val_speakers}-{size.test_speakers}{clips}"
   _resolve_size(size)
   return size
 
 
-def ensure_demo_corpus(cache_dir, *, size="default", seed=0):
+def ensure_demo_corpus(cache_dir, *, size="default", seed=0, processes=None):
   """Returns `<cache_dir>/demo-<size>-seed<seed>`, building it first if it is absent or incomplete.
 
   The corpus is written to a temporary folder beside it and renamed into place with a completion marker (which
   records GENERATOR_VERSION), so an interrupted build, or one from an older generator, is rebuilt. Prints nothing.
+  `processes` (default: the machine's cores for corpora of PARALLEL_CLIPS clips or more, else 1) render clips.
   """
   cache_dir = pathlib.Path(cache_dir)
   target = cache_dir / f"demo-{_size_name(size)}-seed{seed}"
@@ -733,7 +789,9 @@ def ensure_demo_corpus(cache_dir, *, size="default", seed=0):
   cache_dir.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
   try:
-    write_demo_corpus(staging, size=size, seed=seed)
+    if processes is None:
+      processes = (os.cpu_count() or 1) if _resolve_size(size).num_clips >= PARALLEL_CLIPS else 1
+    write_demo_corpus(staging, size=size, seed=seed, processes=processes)
     (staging / _MARKER).write_text(_marker_text())  # written last: its presence means the build finished
     if _is_complete(target):
       return target  # another process finished the same build meanwhile
@@ -764,8 +822,10 @@ def main(argv=None):
   parser.add_argument("--size", default="default", choices=sorted(SIZES))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--country_as", default="name", choices=("name", "code"))
+  parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="worker processes")
   args = parser.parse_args(argv)
-  root = write_demo_corpus(args.out_dir, size=args.size, seed=args.seed, country_as=args.country_as)
+  root = write_demo_corpus(args.out_dir, size=args.size, seed=args.seed, country_as=args.country_as,
+                           processes=args.processes)
   print(root)
 
 
