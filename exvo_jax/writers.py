@@ -53,21 +53,24 @@ class MetricsLog:
 
 
 class Progress:
-  """A progress line every `every_s` seconds: done/total, items/s (and a second rate), ETA."""
+  """A progress line every `every_s` seconds, and after the first update (how long start-up took shows): done/total,
+  items/s (and a second rate), ETA."""
 
-  def __init__(self, total, *, what="steps", every_s=10.0, stream=sys.stdout, per_item=None, start=0):
+  def __init__(self, total, *, what="steps", every_s=10.0, stream=sys.stdout, per_item=None, start=0,
+               first_line=True):
     self.total, self.what, self.every_s, self.stream = total, what, every_s, stream
     self.first = start  # items already done before this run (a resumed run): not counted in the rate
     self.per_item = per_item  # optional (name, count per item), e.g. ('clips', batch_size)
     self.start = self.last = time.monotonic()
     self.done = 0
+    self.printed = not first_line  # False: the first update prints
 
   def update(self, done, extra=""):
     self.done = done
     now = time.monotonic()
-    if now - self.last < self.every_s and done < self.total:
+    if self.printed and now - self.last < self.every_s and done < self.total:
       return
-    self.last = now
+    self.last, self.printed = now, True
     elapsed = max(now - self.start, 1e-9)
     rate = (done - self.first) / elapsed
     eta = (self.total - done) / rate if rate > 0 else float("inf")

@@ -253,7 +253,7 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
                                           num_epochs=1, seed=seed * 1000 + epoch, shard_index=jax.process_index(),
                                           shard_count=processes))
     progress = writers.Progress(steps_per_epoch, what="steps", per_item=("clips", config.batch_size),
-                                every_s=config.log_every_s)
+                                every_s=config.log_every_s, first_line=epoch == 1)
     position = extra.pop("position", None)
     first, losses_sum, count = 1, 0.0, 0
     if position is not None:  # resume mid-epoch at the batch after the last one trained
