@@ -133,3 +133,26 @@ def test_codebook_round_trips_through_a_file(tmp_path):
   loaded = boaw.Codebook.load(tmp_path / "codebook.npz")
   np.testing.assert_array_equal(loaded.words, book.words)
   assert loaded.num_assignments == 2
+
+
+def test_codebook_and_histograms_from_cache_files_equal_the_in_memory_ones(tmp_path):
+  """Frames read clip by clip from .npy files (as at full size, where they do not fit in memory), in groups smaller
+  than a clip set and with a k-means subsample: the same statistics, words and histograms as lists in memory, and
+  statistics equal to numpy's over the concatenated frames."""
+  rng = np.random.default_rng(4)
+  clips = _frames(rng, n_clips=12, dims=6)
+  paths = []
+  for i, clip in enumerate(clips):
+    paths.append(tmp_path / f"{i}.npy")
+    np.save(paths[-1], clip)
+  on_disk = opensmile_lib.CachedFeatures(paths)
+  assert [on_disk.num_frames(i) for i in range(len(clips))] == [c.shape[0] for c in clips]
+  for kmeans_iterations, max_kmeans_frames in ((0, 10_000), (3, 10_000), (3, 100)):
+    kwargs = dict(seed=2, kmeans_iterations=kmeans_iterations, max_kmeans_frames=max_kmeans_frames)
+    in_memory = boaw.learn_codebook(clips, 8, **kwargs)
+    streamed = boaw.learn_codebook(on_disk, 8, **kwargs)
+    np.testing.assert_array_equal(streamed.words, in_memory.words)
+    np.testing.assert_allclose(streamed.mean, np.concatenate(clips).astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(streamed.std, np.concatenate(clips).astype(np.float64).std(0), rtol=1e-6)
+    np.testing.assert_array_equal(boaw.histograms(on_disk, streamed, group_frames=50),
+                                  boaw.histograms(clips, in_memory))

@@ -63,7 +63,29 @@ def _work(job):
   return stem
 
 
-def extract(stems, read, feature_set, cache_dir, *, processes=None, log=print, every_s=10.0):
+class CachedFeatures:
+  """A sequence of clips' features read from their cache files on access: a split's frame-level descriptors
+  (about 4 GB of ComParE LLDs at the release's size) need not fit in memory."""
+
+  def __init__(self, paths):
+    self.paths = [os.fspath(p) for p in paths]
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, index):
+    return np.load(self.paths[index])
+
+  def __iter__(self):
+    for i in range(len(self)):
+      yield self[i]
+
+  def num_frames(self, index):
+    """Rows of clip `index`, read from the file's header only."""
+    return np.load(self.paths[index], mmap_mode="r").shape[0]
+
+
+def extract(stems, read, feature_set, cache_dir, *, processes=None, log=print, every_s=10.0, load=True):
   """Computes (or loads from the cache) the features of the clips named `stems`.
 
   Args:
@@ -74,8 +96,10 @@ def extract(stems, read, feature_set, cache_dir, *, processes=None, log=print, e
     cache_dir: the cache folder of this feature set and corpus.
     processes: worker processes (default: the machine's cores); 1 computes in this process.
     log: progress sink (clips/s, ETA); None for silence.
+    load: return the features (True) or the paths of their cache files (False), for callers that read them one
+      clip at a time (`CachedFeatures`).
   Returns:
-    {stem: features} for every stem.
+    {stem: features} (or {stem: path}) for every stem.
   """
   cache = pathlib.Path(cache_dir)
   cache.mkdir(parents=True, exist_ok=True)
@@ -119,4 +143,6 @@ def extract(stems, read, feature_set, cache_dir, *, processes=None, log=print, e
         future.result()
         done += 1
         report(done)
+  if not load:
+    return {stem: cache / f"{stem}.npy" for stem in stems}
   return {stem: np.load(cache / f"{stem}.npy") for stem in stems}

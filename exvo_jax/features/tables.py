@@ -66,10 +66,12 @@ def from_release(sources):
   return {split: _table(list(records), [r["features"] for r in records]) for split, records in sources.items()}
 
 
-def _clip_features(sources, feature_set, cache_dir, processes, log):
-  """{split: (records without audio, [features per clip])}, extracting (or loading) one openSMILE set.
+def _clip_features(sources, feature_set, cache_dir, processes, log, load=True):
+  """{split: (records without audio, features per clip)}, extracting (or loading) one openSMILE set.
 
-  All splits go through one extraction call, so the worker pool starts once.
+  All splits go through one extraction call, so the worker pool starts once. With `load=False` each split's
+  features are an `opensmile.CachedFeatures` that reads a clip's file on access (frame-level descriptors of a
+  full-size corpus do not fit in memory).
   """
   located, records = {}, {}
   for split, source in sources.items():
@@ -79,8 +81,13 @@ def _clip_features(sources, feature_set, cache_dir, processes, log):
     for i, record in enumerate(records[split]):
       located[_stem(record)] = (split, i)
   values = opensmile_lib.extract(located, lambda stem: sources[located[stem][0]][located[stem][1]]["audio"],
-                                 feature_set, pathlib.Path(cache_dir) / feature_set, processes=processes, log=log)
-  return {split: (records[split], [values[_stem(r)] for r in records[split]]) for split in sources}
+                                 feature_set, pathlib.Path(cache_dir) / feature_set, processes=processes, log=log,
+                                 load=load)
+  result = {}
+  for split in sources:
+    per_clip = [values[_stem(r)] for r in records[split]]
+    result[split] = (records[split], per_clip if load else opensmile_lib.CachedFeatures(per_clip))
+  return result
 
 
 def from_audio(sources, feature_set, cache_dir, *, processes=None, log=print):
@@ -91,8 +98,12 @@ def from_audio(sources, feature_set, cache_dir, *, processes=None, log=print):
 
 def bag_of_audio_words(sources, num_words, cache_dir, *, train_split="train", seed=0, kmeans_iterations=0,
                        num_assignments=1, processes=None, log=print, codebook_path=None):
-  """Tables of bag-of-audio-words histograms; the codebook is learned on `train_split` only (and saved)."""
-  frames = _clip_features(sources, "compare_lld", cache_dir, processes, log)
+  """Tables of bag-of-audio-words histograms; the codebook is learned on `train_split` only (and saved).
+
+  The frame-level descriptors are read clip by clip from their cache files: memory holds the drawn code words and
+  one group of clips' frames, not the corpus's frames.
+  """
+  frames = _clip_features(sources, "compare_lld", cache_dir, processes, log, load=False)
   codebook = boaw_lib.learn_codebook(frames[train_split][1], num_words, seed=seed,
                                      kmeans_iterations=kmeans_iterations, num_assignments=num_assignments)
   if codebook_path is not None:
