@@ -251,3 +251,16 @@ def test_finetune_and_maml_raise_query_ccc_over_none_on_the_demo_corpus(tmp_path
   print(f"query mean CCC: none {none:.3f}; margins over none: {margins}")
   assert margins["finetune"] > 0.0
   assert margins["maml"] > 0.01
+
+
+def test_rows_by_speaker_matches_a_scan_per_speaker():
+  rng = np.random.default_rng(0)
+  speakers = np.array([f"Speaker_{i}" for i in rng.integers(0, 40, 1500)])
+  keep = rng.random(1500) > 0.3
+  for mask in (None, keep):
+    got = fewshot.rows_by_speaker(speakers, mask)
+    selected = np.ones(1500, bool) if mask is None else mask
+    expected = {s: np.flatnonzero((speakers == s) & selected) for s in set(speakers[selected])}
+    assert got.keys() == expected.keys()
+    for s in expected:
+      np.testing.assert_array_equal(got[s], expected[s])
