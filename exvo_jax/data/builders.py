@@ -101,6 +101,10 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
                                  features=self.features_dict(self.builder_config and self.builder_config.name))
 
+  # Whether shards are written by worker processes: worth it when examples cost CPU (decoding audio), not when they
+  # are payloads already in memory (feature vectors), which would be copied to every worker.
+  parallel_write = True
+
   def _split_generators(self, dl_manager):
     raise NotImplementedError(f"build {self.name} with exvo_jax.data.builders.prepare(), which writes the records "
                               "in order without TensorFlow; download_and_prepare() would need it at full size")
@@ -124,6 +128,10 @@ class HumeVb(_ReportingBuilder):
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = ("Point manual_dir at the HUME-VB release folder (data_info.csv, wav/, feats/); "
                                   "the dataset is licensed and cannot be downloaded.")
+
+  @property
+  def parallel_write(self):
+    return self.builder_config.feature_set is None
 
   @classmethod
   def features_dict(cls, config_name):
@@ -279,7 +287,7 @@ def _write_records(builder, manual_dir, out_dir, *, strict, processes=None, shar
       job_splits.append(split)
   total = sum(len(job.items) for job in jobs)
   processes = min(processes or os.cpu_count() or 1, len(jobs))
-  if total < MIN_PARALLEL_RECORDS:
+  if total < MIN_PARALLEL_RECORDS or not builder.parallel_write:
     processes = 1
   start_time = time.monotonic()
   results, done = [], 0
