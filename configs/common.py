@@ -42,7 +42,7 @@ def get_config():
   # Corpus folder. Empty: $EXVO_DATA, and if that is unset too, the demo corpus built in the cache folder.
   config.data.root = ""
   config.data.dataset = "hume_vb"  # or 'emogator'
-  config.data.demo_size = "default"  # demo corpus size when no root is given: tiny, small, default
+  config.data.demo_size = "default"  # demo corpus size when no root is given: tiny, small, default, release
   config.data.demo_seed = 0
   config.data.tfds_dir = ""  # where built array_record files go; empty: a per-corpus folder in the cache
   config.data.strict = False  # any reported bad input fails the run instead of skipping the clip

@@ -81,6 +81,8 @@ class Split:
     """The split's metadata (no audio decoded when `source` is a built split, see `pipeline.metadata`)."""
     columns = pipeline.metadata(source)
     n = len(source)
+    if n == 0:
+      return cls(source, np.zeros(0, str), np.zeros(0, str), np.zeros(0), np.zeros(0, bool))
     labelled = columns["labelled"].astype(bool) if "labelled" in columns else np.ones(n, bool)
     return cls(source, np.asarray(columns["file_id"]).astype(str), np.asarray(columns["speaker"]).astype(str),
                np.asarray(columns[target.label_key]), labelled)

@@ -1,6 +1,5 @@
 """The hume_vb and emogator TFDS builders: what is written is what is read back, in every layout variant."""
 
-import hashlib
 import os
 import pathlib
 import subprocess
@@ -139,9 +138,13 @@ def test_build_never_imports_tensorflow_past_the_spill_limit(tmp_path):
   assert out.stdout.split() == [str(len(rows)), "3"]  # every clip; Train's 6 clips in 3 shards of 2
 
 
-def _md5_order(split, keys):
-  """TFDS's record order, computed here from its definition: md5(split name + key) as a 128-bit integer."""
-  return sorted(keys, key=lambda k: int(hashlib.md5(split.encode() + k.encode()).hexdigest(), 16))
+def _tfds_order(split, keys, tmp_path):
+  """The order TFDS's own writer gives records: its shuffler, kept in memory (no spill, so no TensorFlow)."""
+  from tensorflow_datasets.core import shuffle
+  shuffler = shuffle.Shuffler(tmp_path, split)
+  for key in keys:
+    shuffler.add(key, key.encode())
+  return [data.decode() for _, data in shuffler]
 
 
 def test_parallel_shards_keep_the_record_order_and_the_metadata(tmp_path):
@@ -160,7 +163,8 @@ def test_parallel_shards_keep_the_record_order_and_the_metadata(tmp_path):
   assert [p["kind"] for p in report["problems"]] == ["missing_audio"] and missing in report["problems"][0]["file"]
   by_stem = {r["stem"]: r for r in rows}
   for split, tfds_split in builders.TFDS_SPLITS.items():
-    expected = _md5_order(tfds_split, [r["stem"] for r in rows if r["split"] == split and r["stem"] != missing])
+    expected = _tfds_order(tfds_split, [r["stem"] for r in rows if r["split"] == split and r["stem"] != missing],
+                           tmp_path)
     records = builders.data_source(parallel, tfds_split)
     again = builders.data_source(serial, tfds_split)
     assert len(parallel.info.splits[tfds_split].shard_lengths) == len(expected)  # the empty shard was dropped
@@ -179,6 +183,51 @@ def test_parallel_shards_keep_the_record_order_and_the_metadata(tmp_path):
         assert metadata[key][i] == record[key], key
       for key in ("avb_high", "avb_two", "avb_culture"):
         np.testing.assert_array_equal(metadata[key][i], record[key])
+    for key in ("age", "country", "labelled", "avb_type", "emotions", "avb_high", "avb_two", "avb_culture"):
+      feature = parallel.info.features[key]  # the dtype and shape the dataset declares
+      assert metadata[key].dtype == feature.np_dtype and metadata[key].shape == (len(expected), *feature.shape), key
+
+
+def test_strict_build_fails_in_a_worker_and_leaves_nothing(tmp_path):
+  rows = release_fixtures.make_clips((2, 1, 1), 3)
+  root = release_fixtures.write_release(tmp_path / "release", rows)
+  (root / "wav" / f"{rows[-1]['stem']}.wav").write_bytes(b"not audio")
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(builders, "MIN_PARALLEL_RECORDS", 0)
+    m.setattr(builders, "SHARD_RECORDS", 2)
+    with pytest.raises(builders.CorpusError, match=f"{rows[-1]['stem']}.wav.*strict"):
+      builders.prepare("hume_vb", root, config="audio", data_dir=tmp_path / "tfds", strict=True, processes=2,
+                       log=None)
+  left = [p.name for p in (tmp_path / "tfds").rglob("*") if p.is_file()]
+  assert left == [], left  # no records, no report, no staging folder: the next run builds from scratch
+
+
+def test_a_split_without_a_usable_clip_is_an_error_naming_it(tmp_path):
+  rows = release_fixtures.make_clips((2, 1, 1), 3)
+  root = release_fixtures.write_release(tmp_path / "release", rows)
+  for r in rows:
+    if r["split"] == "Val":
+      (root / "wav" / f"{r['stem']}.wav").unlink()
+  with pytest.raises(builders.CorpusError, match="no usable clip in split 'validation'"):
+    builders.prepare("hume_vb", root, config="audio", data_dir=tmp_path / "tfds", log=None)
+
+
+def test_a_build_finished_meanwhile_by_another_run_is_kept(tmp_path, monkeypatch):
+  """Two runs sharing a cache both build; the one that finishes second keeps the first one's records."""
+  root = release_fixtures.write_release(tmp_path / "release", release_fixtures.make_clips((2, 1, 1), 3))
+  data_dir = tmp_path / "tfds"
+  real_write = builders._write_records
+  done = {}
+
+  def write_then_race(builder, *args, **kwargs):
+    real_write(builder, *args, **kwargs)
+    if not done:  # the other run: a complete build appears at the final path before our rename
+      done["other"] = True
+      builders.prepare("hume_vb", root, config="audio", data_dir=data_dir, log=None)
+  monkeypatch.setattr(builders, "_write_records", write_then_race)
+  builder, report = builders.prepare("hume_vb", root, config="audio", data_dir=data_dir, log=None)
+  assert report["num_problems"] == 0 and len(builders.data_source(builder, "train")) == 6
+  assert [p.name for p in pathlib.Path(builder.data_dir).parent.iterdir()] == [pathlib.Path(builder.data_dir).name]
 
 
 class _NoAudio:
@@ -239,6 +288,17 @@ def test_emogator_builder_on_a_small_copy(tmp_path):
   assert {r["speaker"] for r in train}.isdisjoint({r["speaker"] for r in val})
   assert sorted({int(r["category"]) for r in train + val}) == [0, 29]
   assert all(r["audio"].dtype == np.int16 and r["audio"].size == 1600 for r in train + val)  # 0.3 s at 16 kHz
+  from exvo_jax import end_to_end
+  for name, records in (("train", train), ("val", val)):  # the metadata file agrees with the records
+    source = builders.data_source(builder, name)
+    metadata = source.metadata
+    assert sorted(metadata) == ["category", "file_id", "num_samples", "speaker"]
+    assert metadata["category"].dtype == np.int32
+    assert list(metadata["category"]) == [int(r["category"]) for r in records]
+    assert list(metadata["file_id"]) == [r["file_id"].decode() for r in records]
+    table = end_to_end.Split.read(source, end_to_end.make_target("emogator"))
+    np.testing.assert_array_equal(table.labels, metadata["category"])
+    assert table.labelled.all() and list(table.speaker) == [r["speaker"].decode() for r in records]
 
 
 def test_cache_dir_is_exvo_cache_and_an_empty_value_counts_as_unset(tmp_path, monkeypatch):

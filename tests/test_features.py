@@ -147,6 +147,12 @@ def test_codebook_and_histograms_from_cache_files_equal_the_in_memory_ones(tmp_p
     np.save(paths[-1], clip)
   on_disk = opensmile_lib.CachedFeatures(paths)
   assert [on_disk.num_frames(i) for i in range(len(clips))] == [c.shape[0] for c in clips]
+  # openXBOW's random sampling, written out on the concatenated frames: the words are the drawn rows, standardised.
+  stacked = np.concatenate(clips)
+  mean, std = stacked.astype(np.float64).mean(0), stacked.astype(np.float64).std(0)
+  drawn = np.random.default_rng(2).choice(stacked.shape[0], 8, replace=False)
+  np.testing.assert_allclose(boaw.learn_codebook(on_disk, 8, seed=2).words, (stacked[drawn] - mean) / std,
+                             rtol=1e-5, atol=1e-6)
   for kmeans_iterations, max_kmeans_frames in ((0, 10_000), (3, 10_000), (3, 100)):
     kwargs = dict(seed=2, kmeans_iterations=kmeans_iterations, max_kmeans_frames=max_kmeans_frames)
     in_memory = boaw.learn_codebook(clips, 8, **kwargs)

@@ -31,6 +31,7 @@ from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core import hashing as tfds_hashing
 from tensorflow_datasets.core import naming
 
+from exvo_jax import cores
 from exvo_jax import runtime
 
 from exvo_jax.data import audio as audio_lib
@@ -212,8 +213,12 @@ SHARD_RECORDS = 1024
 MIN_PARALLEL_RECORDS = 4096
 
 
+# Fields of a record that stay out of the metadata file: the audio, and feature vectors (as large as the records).
+NOT_METADATA = ("audio", "features")
+
+
 def metadata_file(split):
-  """The file beside a split's records holding its metadata (every field but the audio, and `num_samples`)."""
+  """The file beside a split's records holding its metadata (every field but NOT_METADATA, and `num_samples`)."""
   return f"metadata-{split}.npz"
 
 
@@ -246,7 +251,7 @@ def _write_shard(job):
       num_records += 1
       num_bytes += len(data)
       for key, value in example.items():
-        if key != "audio":
+        if key not in NOT_METADATA:
           columns.setdefault(key, []).append(value)
       if "audio" in example:
         columns.setdefault("num_samples", []).append(example["audio"].shape[0])
@@ -287,7 +292,7 @@ def _write_records(builder, manual_dir, out_dir, *, strict, processes=None, shar
                             [(clip, payload) for _, clip, payload in ordered[start:start + shard_records]], strict))
       job_splits.append(split)
   total = sum(len(job.items) for job in jobs)
-  processes = min(processes or os.cpu_count() or 1, len(jobs))
+  processes = min(processes or cores.usable(), len(jobs))
   if total < MIN_PARALLEL_RECORDS or not builder.parallel_write:
     processes = 1
   start_time = time.monotonic()
@@ -354,8 +359,9 @@ class Records:
   """One built split: records by index (audio decoded on access) and the split's metadata without any audio.
 
   `records[i]` is the TFDS record (a dict of numpy arrays). `records.metadata` is {field: [N] or [N, k] array} for
-  every field but the audio, plus `num_samples` [N] for audio datasets, read from the file written beside the
-  records at build time: start-up reads ids, speakers and labels without touching the audio.
+  every field but the audio or feature vector (NOT_METADATA), plus `num_samples` [N] for audio datasets, read from
+  the file written beside the records at build time: start-up reads ids, speakers and labels without touching the
+  audio. Treat it as read-only (it is cached); `pipeline.metadata` hands out copies of the dict.
   """
 
   def __init__(self, source, metadata_path):
@@ -431,10 +437,18 @@ def prepare(dataset, corpus_root, *, config=None, data_dir=None, strict=False, p
       final.parent.mkdir(parents=True, exist_ok=True)
       # Written beside the final folder and renamed into place, report last: a cut-off build leaves no records.
       staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}-incomplete-", dir=final.parent))
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from the group
       try:
         _write_records(builder, corpus_root, staging, strict=strict, processes=processes, log=log)
         builder.report.write(staging / REPORT_FILE)
-        os.replace(staging, final)
+        try:
+          os.replace(staging, final)
+        except OSError:
+          if not report_path.is_file():
+            raise
+          # Another run finished the same build meanwhile (a shared cache): its records are as good as ours.
       finally:
         shutil.rmtree(staging, ignore_errors=True)
       builder = make_builder()  # reads back the dataset_info.json just written

@@ -72,6 +72,7 @@ import numpy as np
 import scipy.signal
 import soundfile
 
+from exvo_jax import cores
 from exvo_jax.data import schema
 
 # From this many clips on, ensure_demo_corpus renders in worker processes (starting them costs about 2 s).
@@ -790,7 +791,7 @@ def ensure_demo_corpus(cache_dir, *, size="default", seed=0, processes=None):
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
   try:
     if processes is None:
-      processes = (os.cpu_count() or 1) if _resolve_size(size).num_clips >= PARALLEL_CLIPS else 1
+      processes = cores.usable() if _resolve_size(size).num_clips >= PARALLEL_CLIPS else 1
     write_demo_corpus(staging, size=size, seed=seed, processes=processes)
     (staging / _MARKER).write_text(_marker_text())  # written last: its presence means the build finished
     if _is_complete(target):
@@ -822,7 +823,7 @@ def main(argv=None):
   parser.add_argument("--size", default="default", choices=sorted(SIZES))
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--country_as", default="name", choices=("name", "code"))
-  parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="worker processes")
+  parser.add_argument("--processes", type=int, default=cores.usable(), help="worker processes")
   args = parser.parse_args(argv)
   root = write_demo_corpus(args.out_dir, size=args.size, seed=args.seed, country_as=args.country_as,
                            processes=args.processes)

@@ -93,7 +93,7 @@ def metadata(source):
   sequence of dicts (in-memory tables, test doubles) is read record by record.
   """
   if hasattr(source, "metadata"):
-    return source.metadata
+    return dict(source.metadata)  # a new dict: callers may drop keys without changing the cached one
   columns = {}
   for i in range(len(source)):
     for key, value in source[i].items():

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from exvo_jax import cores
+
 FEATURE_SETS = {
     # name: (opensmile FeatureSet name, FeatureLevel name)
     "compare": ("ComParE_2016", "Functionals"),
@@ -107,7 +109,7 @@ def extract(stems, read, feature_set, cache_dir, *, processes=None, log=print, e
   todo = [stem for stem in stems if not (cache / f"{stem}.npy").is_file()]
   if log and todo:
     log(f"{feature_set}: {len(stems) - len(todo)} of {len(stems)} clips cached, extracting {len(todo)} into {cache}")
-  processes = processes or os.cpu_count() or 1
+  processes = processes or cores.usable()
   jobs = ((stem, read(stem), os.fspath(cache / f"{stem}.npy")) for stem in todo)
   start = last = time.monotonic()
 

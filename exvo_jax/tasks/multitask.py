@@ -246,6 +246,7 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
   processes = jax.process_count()
   if config.batch_size % processes:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
+  first_epoch = extra["epoch"] + 1  # of this run: its first progress line shows the start-up time
   while extra["epoch"] < config.num_epochs and extra["bad_epochs"] < config.patience:
     epoch = extra["epoch"] + 1
     # One pipeline per epoch, seeded by (seed, epoch); each process reads its rows of every global batch.
@@ -253,7 +254,7 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
                                           num_epochs=1, seed=seed * 1000 + epoch, shard_index=jax.process_index(),
                                           shard_count=processes))
     progress = writers.Progress(steps_per_epoch, what="steps", per_item=("clips", config.batch_size),
-                                every_s=config.log_every_s, first_line=epoch == 1)
+                                every_s=config.log_every_s, first_line=epoch == first_epoch)
     position = extra.pop("position", None)
     first, losses_sum, count = 1, 0.0, 0
     if position is not None:  # resume mid-epoch at the batch after the last one trained
