@@ -303,8 +303,8 @@ def _write_records(builder, manual_dir, out_dir, *, strict, processes=None, shar
     done += result[0]
     elapsed = time.monotonic() - start_time
     if log and (len(results) % max(1, len(jobs) // 10) == 0 or len(results) == len(jobs)) and processes > 1:
-      log(f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}: {len(results)}/"
-          f"{len(jobs)} shards, {done} records, {done / max(elapsed, 1e-9):.0f} records/s")
+      name = builder.name + (f"/{builder.builder_config.name}" if builder.builder_config else "")
+      log(f"{name}: {len(results)}/{len(jobs)} shards, {done} records, {done / max(elapsed, 1e-9):.0f} records/s")
 
   if processes == 1:
     for job in jobs:
