@@ -114,10 +114,6 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder):
     raise NotImplementedError("see _split_generators")
 
 
-def _hume_vb_config_name(config_name):
-  return config_name or "audio"
-
-
 class HumeVb(_ReportingBuilder):
   """HUME-VB (ExVo 2022 + A-VB 2022 labels) from the release folder given as manual_dir."""
 
@@ -137,7 +133,7 @@ class HumeVb(_ReportingBuilder):
   @classmethod
   def features_dict(cls, config_name):
     features = _label_features()
-    if _hume_vb_config_name(config_name) == "audio":
+    if config_name == "audio":
       features["audio"] = tfds.features.Tensor(shape=(None,), dtype=np.int16)
     else:
       features["features"] = tfds.features.Tensor(shape=(None,), dtype=np.float32)
@@ -156,7 +152,6 @@ class HumeVb(_ReportingBuilder):
 
   @classmethod
   def make_example(cls, config_name, clip, payload, report):
-    config_name = _hume_vb_config_name(config_name)
     if config_name == "audio":
       samples = _load(clip, report)
       return None if samples is None else {**_label_values(clip), "audio": samples}
@@ -213,17 +208,14 @@ SHARD_RECORDS = 1024
 MIN_PARALLEL_RECORDS = 4096
 
 
-# Fields of a record that stay out of the metadata file: the audio, and feature vectors (as large as the records).
-NOT_METADATA = ("audio", "features")
-
-
 def metadata_file(split):
-  """The file beside a split's records holding its metadata (every field but NOT_METADATA, and `num_samples`)."""
+  """The file beside a split's records holding their `pipeline.metadata_columns`."""
   return f"metadata-{split}.npz"
 
 
 @dataclasses.dataclass
 class _ShardJob:
+  split: str
   dataset: str
   config_name: str | None
   path: str
@@ -239,7 +231,7 @@ def _write_shard(job):
   builder_cls = BUILDERS[job.dataset]
   features = builder_cls.features_dict(job.config_name)
   report = BuildReport(strict=job.strict)
-  columns, num_records, num_bytes = {}, 0, 0
+  rows, num_records, num_bytes = [], 0, 0
   writer = array_record_module.ArrayRecordWriter(job.path, "group_size:1")
   try:
     for clip, payload in job.items:
@@ -250,15 +242,13 @@ def _write_shard(job):
       writer.write(data)
       num_records += 1
       num_bytes += len(data)
-      for key, value in example.items():
-        if key not in NOT_METADATA:
-          columns.setdefault(key, []).append(value)
-      if "audio" in example:
-        columns.setdefault("num_samples", []).append(example["audio"].shape[0])
+      rows.append({key: value for key, value in example.items() if key not in pipeline.NOT_METADATA})
+      if "audio" in example:  # its length, not the audio
+        rows[-1]["num_samples"] = example["audio"].shape[0]
   finally:
     writer.close()
   # As arrays: a few hundred bytes a record in the parent, not a dozen Python objects.
-  return num_records, num_bytes, report.problems, {key: _column(values) for key, values in columns.items()}
+  return num_records, num_bytes, report.problems, pipeline.metadata_columns(rows)
 
 
 def _record_order(split, items):
@@ -274,23 +264,21 @@ def _record_order(split, items):
   return [items[i] for _, i in sorted(keyed)]
 
 
-def _write_records(builder, manual_dir, out_dir, *, strict, processes=None, shard_records=None, log=print):
+def _write_records(builder, manual_dir, out_dir, *, strict, processes=None, log=print):
   """Writes every split of `builder` into `out_dir`: array_record shards, dataset_info.json and metadata files.
 
   Shards are written in parallel by `processes` workers (default: the machine's cores); the records of a split
   are in TFDS's key-hash order whatever the number of workers. Returns nothing; problems go to `builder.report`.
   """
-  shard_records = shard_records or SHARD_RECORDS
   out_dir = pathlib.Path(out_dir)
   items = builder.split_items(manual_dir, builder.report)
-  jobs, job_splits = [], []
+  jobs = []
   for split, split_items in items.items():
     ordered = _record_order(split, split_items)
-    for start in range(0, len(ordered), shard_records):
-      jobs.append(_ShardJob(builder.name, builder.builder_config and builder.builder_config.name,
-                            os.fspath(out_dir / f".{split}-{len(job_splits):05d}.tmp"),
-                            [(clip, payload) for _, clip, payload in ordered[start:start + shard_records]], strict))
-      job_splits.append(split)
+    for start in range(0, len(ordered), SHARD_RECORDS):
+      jobs.append(_ShardJob(split, builder.name, builder.builder_config and builder.builder_config.name,
+                            os.fspath(out_dir / f".{split}-{len(jobs):05d}.tmp"),
+                            [(clip, payload) for _, clip, payload in ordered[start:start + SHARD_RECORDS]], strict))
   total = sum(len(job.items) for job in jobs)
   processes = min(processes or cores.usable(), len(jobs))
   if total < MIN_PARALLEL_RECORDS or not builder.parallel_write:
@@ -320,7 +308,7 @@ def _write_records(builder, manual_dir, out_dir, *, strict, processes=None, shar
 
   split_infos, metadata = [], {}
   for split in items:
-    mine = [(job, result) for job, result, s in zip(jobs, results, job_splits) if s == split]
+    mine = [(job, result) for job, result in zip(jobs, results) if job.split == split]
     for _, (_, _, problems, _) in mine:
       builder.report.problems.extend(problems)
     kept = [(job, result) for job, result in mine if result[0] > 0]
@@ -348,20 +336,13 @@ def _write_records(builder, manual_dir, out_dir, *, strict, processes=None, shar
   builder.info.write_to_directory(out_dir)
 
 
-def _column(values):
-  """A metadata column as an array: text as str, everything else stacked with its own dtype."""
-  if values and isinstance(values[0], (str, bytes)):
-    return np.array([pipeline.as_str(v) for v in values])
-  return np.stack([np.asarray(v) for v in values])
-
-
 class Records:
   """One built split: records by index (audio decoded on access) and the split's metadata without any audio.
 
   `records[i]` is the TFDS record (a dict of numpy arrays). `records.metadata` is {field: [N] or [N, k] array} for
-  every field but the audio or feature vector (NOT_METADATA), plus `num_samples` [N] for audio datasets, read from
-  the file written beside the records at build time: start-up reads ids, speakers and labels without touching the
-  audio. Treat it as read-only (it is cached); `pipeline.metadata` hands out copies of the dict.
+  every field but the audio or feature vector (`pipeline.NOT_METADATA`), plus `num_samples` [N] for audio
+  datasets, read from the file written beside the records at build time: start-up reads ids, speakers and labels
+  without touching the audio. Treat it as read-only (it is cached); `pipeline.metadata` hands out copies of the dict.
   """
 
   def __init__(self, source, metadata_path):

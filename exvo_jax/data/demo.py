@@ -688,13 +688,13 @@ def write_demo_corpus(root, *, size="default", seed=0, country_as="name", proces
   num_speakers = sum(counts.values())
   subjects = corpus_rng.choice(10 * num_speakers + 100, num_speakers, replace=False)
   file_ids = corpus_rng.choice(100_000, size.num_clips, replace=False)  # 5 digits, zero-padded when written
-  speakers, jobs, first_clip = [], [], 0
+  jobs, first_clip = [], 0
   for split in schema.SPLITS:
     countries = corpus_rng.permutation(np.resize(np.arange(len(schema.COUNTRIES)), counts[split]))  # balanced
     for country, num_clips in zip(countries, size.speaker_clips(split)):
-      index = len(speakers)
-      speakers.append(_make_speaker(seed, index, f"Speaker_{subjects[index]}", split, int(country), num_clips))
-      jobs.append(_SpeakerJob(os.fspath(root), seed, country_as, speakers[-1], first_clip,
+      index = len(jobs)
+      speaker = _make_speaker(seed, index, f"Speaker_{subjects[index]}", split, int(country), num_clips)
+      jobs.append(_SpeakerJob(os.fspath(root), seed, country_as, speaker, first_clip,
                               file_ids[first_clip:first_clip + num_clips]))
       first_clip += num_clips
   for job in jobs:

@@ -88,23 +88,33 @@ def as_str(value):
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def metadata(source):
-  """Every field of a split's records except the audio, as arrays with a leading [N] axis (text as str).
+# Record fields that are not metadata: the audio (its length is kept as `num_samples`) and feature vectors.
+NOT_METADATA = ("audio", "features")
 
-  Built splits (`builders.Records`) carry these in a file written at build time, so no audio is decoded; any other
-  sequence of dicts (in-memory tables, test doubles) is read record by record.
+
+def metadata_columns(records):
+  """Records (dicts) -> {field: array with a leading [N] axis}: every field but NOT_METADATA (text as str), plus
+  `num_samples` when the records hold audio."""
+  columns = {}
+  for record in records:
+    for key, value in record.items():
+      if key == "audio":
+        columns.setdefault("num_samples", []).append(np.shape(value)[0])
+      elif key not in NOT_METADATA:
+        columns.setdefault(key, []).append(value)
+  return {key: np.array([as_str(v) for v in values]) if isinstance(values[0], (str, bytes))
+          else np.stack([np.asarray(v) for v in values]) for key, values in columns.items()}
+
+
+def metadata(source):
+  """A split's `metadata_columns` without decoding audio when the source carries them.
+
+  Built splits (`builders.Records`) keep these in a file written at build time; any other sequence of dicts
+  (in-memory tables, test doubles) is read record by record.
   """
   if hasattr(source, "metadata"):
     return dict(source.metadata)  # a new dict: callers may drop keys without changing the cached one
-  columns = {}
-  for i in range(len(source)):
-    for key, value in source[i].items():
-      if key == "audio":
-        columns.setdefault("num_samples", []).append(np.asarray(value).shape[0])
-      else:
-        columns.setdefault(key, []).append(as_str(value) if key in STRING_FIELDS else value)
-  return {key: np.array(values) if key in STRING_FIELDS else np.stack([np.asarray(v) for v in values])
-          for key, values in columns.items()}
+  return metadata_columns(source[i] for i in range(len(source)))
 
 
 def collate(records, *, batch_size, options=None):

@@ -113,8 +113,7 @@ def learn_codebook(train_clip_frames, num_words, *, seed=0, kmeans_iterations=0,
     num_assignments: stored with the codebook for `histograms`.
   """
   mean, std = frame_stats(train_clip_frames)
-  lengths = np.array([np.shape(f)[0] for f in train_clip_frames]) if isinstance(train_clip_frames, list) else \
-      np.array([_num_frames(train_clip_frames, i) for i in range(len(train_clip_frames))])
+  lengths = np.array([_num_frames(train_clip_frames, i) for i in range(len(train_clip_frames))])
   total = int(lengths.sum())
   rng = np.random.default_rng(seed)
   if total < num_words:
