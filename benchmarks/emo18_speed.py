@@ -6,8 +6,8 @@ Usage:
 
 Measured in one run: steps/s (and clips/s = steps/s x batch) of one train step on a fixed in-memory batch of
 full-length 16 kHz clips (default 8 x 2.5 s = 40,000 samples = 25 frames) with random targets in [0, 1]:
-- JAX: the end-to-end step unchanged: `parallel.data_parallel(end_to_end.make_train_step(model, target), mesh)` with
-  `emo18.Emo18(bn_axis_name="data")`, `end_to_end.make_target("hume_vb")` (MSE on 10 outputs), `end_to_end.TrainState`
+- JAX: the end-to-end step unchanged: `parallel.data_parallel(emo18_trainer.make_train_step(model, target), mesh)` with
+  `emo18.Emo18(bn_axis_name="data")`, `emo18_trainer.make_target("hume_vb")` (MSE on 10 outputs), `emo18_trainer.TrainState`
   with optax.adam(1e-4), a one-device mesh, the state donated.
 - PyTorch: the same architecture written here, NCW as PyTorch prefers: all frames at once as [B*F, 1, 1600] through
   three Conv1d(bias=False) -> BatchNorm1d(eps 1e-5, momentum 0.1) -> LeakyReLU(0.01) -> MaxPool1d blocks (1->64
@@ -60,14 +60,14 @@ def make_jax(batch):
   import optax
   from exvo_jax import parallel
   from exvo_jax.models import emo18
-  from exvo_jax import end_to_end
-  target = end_to_end.make_target("hume_vb")
+  from exvo_jax import emo18_trainer
+  target = emo18_trainer.make_target("hume_vb")
   model = emo18.Emo18(num_outputs=target.num_outputs, bn_axis_name=parallel.DATA_AXIS)
   mesh = parallel.make_mesh(1)
   variables = model.init(jax.random.PRNGKey(0), batch["audio"][:1], batch["length"][:1], train=False)
-  state = end_to_end.TrainState.create(apply_fn=model.apply, params=variables["params"],
+  state = emo18_trainer.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                     batch_stats=variables["batch_stats"], tx=optax.adam(1e-4))
-  step = parallel.data_parallel(end_to_end.make_train_step(model, target), mesh)  # donates the state
+  step = parallel.data_parallel(emo18_trainer.make_train_step(model, target), mesh)  # donates the state
   return (jax.tree.map(np.array, variables), parallel.replicate(state, mesh), step,
           parallel.shard_batch(batch, mesh))
 

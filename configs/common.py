@@ -7,11 +7,14 @@ A config file is `configs/<task>.py` with `get_config(arg=None)`; the part after
 import ml_collections
 
 
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
 def parse_arg(arg, **defaults):
   """'smoke,hidden=64' -> ConfigDict(smoke=True, hidden=64, <other defaults>).
 
-  Every key must be declared in `defaults` (a typo fails loudly); values take the type of their default, and a
-  bare name sets a boolean to True.
+  Every key must be declared in `defaults` (a typo fails loudly); values take the type of their default, a
+  bare name sets a boolean to True, and a boolean takes only true/1/yes or false/0/no (any case).
   """
   result = ml_collections.ConfigDict(defaults)
   for part in filter(None, (arg or "").split(",")):
@@ -25,7 +28,10 @@ def parse_arg(arg, **defaults):
         raise ValueError(f"config variant {name!r} needs a value ({name}=...)")
       result[name] = True
     elif isinstance(default, bool):
-      result[name] = value.lower() in ("1", "true", "yes")
+      if value.lower() not in TRUE + FALSE:
+        raise ValueError(f"config variant {name}={value!r} is not a boolean; use {'/'.join(TRUE)} or "
+                         f"{'/'.join(FALSE)}")
+      result[name] = value.lower() in TRUE
     else:
       result[name] = type(default)(value) if default is not None else value
   return result

@@ -53,6 +53,7 @@ def get_config(arg=None):
   config.maml.anchor_weight = 0.0
   config.maml.clip_seconds = 3.0  # episodes' clips are cropped/padded to this length
   config.maml.checkpoint_every = 20
+  config.maml.log_every = 5  # meta-steps between reading the outer loss back (and the NaN check)
 
   config.val_split = "validation"
   config.team = "exvo_jax"

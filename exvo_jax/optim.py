@@ -33,7 +33,7 @@ def adam(learning_rate, b1=0.0, b2=0.99, eps=1e-8):
 
 
 class ExtragradientState(NamedTuple):
-  """inner: the inner transformation's state; anchor: the parameters the next `update` starts from."""
+  """inner: the inner transformation's state; anchor: the parameters the next `step` starts from."""
   inner: Any
   anchor: Any
 
@@ -44,15 +44,15 @@ class Extragradient(NamedTuple):
   init(params) -> state
   extrapolate(grads, state, params) -> (params_half, state): one inner step from `params`; remembers `params` as
     the anchor of the coming update.
-  update(grads_at_half, state) -> (new_params, state): one inner step from the anchor with the gradients taken
-    at `params_half`.
+  step(grads_at_half, state) -> (new_params, state): one inner step from the anchor with the gradients taken
+    at `params_half`. Named `step`, not `update`: it returns the new parameters, not optax's (updates, state).
 
   The state is a pytree of arrays (checkpointable, and an argument or result of jit and shard_map like any
   optax state).
   """
   init: Callable[[Any], ExtragradientState]
   extrapolate: Callable[[Any, ExtragradientState, Any], tuple[Any, ExtragradientState]]
-  update: Callable[[Any, ExtragradientState], tuple[Any, ExtragradientState]]
+  step: Callable[[Any, ExtragradientState], tuple[Any, ExtragradientState]]
 
 
 def extragradient(inner: optax.GradientTransformation) -> Extragradient:
@@ -65,13 +65,13 @@ def extragradient(inner: optax.GradientTransformation) -> Extragradient:
     updates, inner_state = inner.update(grads, state.inner, params)
     return optax.apply_updates(params, updates), ExtragradientState(inner=inner_state, anchor=params)
 
-  def update(grads_at_half, state):
+  def step(grads_at_half, state):
     updates, inner_state = inner.update(grads_at_half, state.inner, state.anchor)
     new_params = optax.apply_updates(state.anchor, updates)
     # The anchor moves to the new parameters so that a checkpointed state always holds the current point.
     return new_params, ExtragradientState(inner=inner_state, anchor=new_params)
 
-  return Extragradient(init=init, extrapolate=extrapolate, update=update)
+  return Extragradient(init=init, extrapolate=extrapolate, step=step)
 
 
 def extra_adam(learning_rate, b1=0.0, b2=0.99, eps=1e-8) -> Extragradient:

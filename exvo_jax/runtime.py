@@ -140,7 +140,6 @@ class Preemption:
 
   def __init__(self):
     self.requested = False
-    self._previous = None
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
@@ -148,13 +147,8 @@ class Preemption:
           file=sys.stderr, flush=True)
 
   def install(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handler)
+    signal.signal(signal.SIGTERM, self._handler)
     return self
-
-  def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
 
   def should_stop(self):
     if jax.process_count() == 1:

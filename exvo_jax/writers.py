@@ -1,8 +1,9 @@
-"""Outputs of a run: JSON metrics, a JSONL metrics log, and a progress line with rate and ETA.
+"""Outputs of a run: JSON metrics, CSV submissions, a JSONL metrics log, and a progress line with rate and ETA.
 
 Only process 0 writes (multi-host runs call these on every process; the others return at once).
 """
 
+import csv
 import json
 import math
 import os
@@ -37,6 +38,18 @@ def write_json(path, obj):
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     json.dump(_plain(obj), f, indent=1)
+  os.replace(tmp, path)
+
+
+def write_csv(path, header, rows):
+  """Writes a CSV (a submission) atomically: `header` then every row of the iterable `rows`."""
+  if not is_writer():
+    return
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
   os.replace(tmp, path)
 
 

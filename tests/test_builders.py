@@ -244,16 +244,16 @@ class _NoAudio:
 
 
 def test_start_up_reads_the_metadata_not_the_audio(tmp_path):
-  from exvo_jax import end_to_end
+  from exvo_jax import emo18_trainer
   from exvo_jax.tasks import describe
   rows = release_fixtures.make_clips((2, 1, 1), 3)
   root = release_fixtures.write_release(tmp_path / "release", rows)
   builder, _ = builders.prepare("hume_vb", root, config="audio", data_dir=tmp_path / "tfds")
-  target = end_to_end.make_target("hume_vb")
+  target = emo18_trainer.make_target("hume_vb")
   for split, tfds_split in builders.TFDS_SPLITS.items():
     records = builders.data_source(builder, tfds_split)
     blind = builders.Records(_NoAudio(len(records)), records._metadata_path)
-    table = end_to_end.Split.read(blind, target)
+    table = emo18_trainer.Split.read(blind, target)
     summary = describe.summarise(blind)
     expected = [by for by in rows if by["split"] == split]
     order = [records[i]["file_id"].decode() for i in range(len(records))]
@@ -288,7 +288,7 @@ def test_emogator_builder_on_a_small_copy(tmp_path):
   assert {r["speaker"] for r in train}.isdisjoint({r["speaker"] for r in val})
   assert sorted({int(r["category"]) for r in train + val}) == [0, 29]
   assert all(r["audio"].dtype == np.int16 and r["audio"].size == 1600 for r in train + val)  # 0.3 s at 16 kHz
-  from exvo_jax import end_to_end
+  from exvo_jax import emo18_trainer
   for name, records in (("train", train), ("val", val)):  # the metadata file agrees with the records
     source = builders.data_source(builder, name)
     metadata = source.metadata
@@ -296,7 +296,7 @@ def test_emogator_builder_on_a_small_copy(tmp_path):
     assert metadata["category"].dtype == np.int32
     assert list(metadata["category"]) == [int(r["category"]) for r in records]
     assert list(metadata["file_id"]) == [r["file_id"].decode() for r in records]
-    table = end_to_end.Split.read(source, end_to_end.make_target("emogator"))
+    table = emo18_trainer.Split.read(source, emo18_trainer.make_target("emogator"))
     np.testing.assert_array_equal(table.labels, metadata["category"])
     assert table.labelled.all() and list(table.speaker) == [r["speaker"].decode() for r in records]
 

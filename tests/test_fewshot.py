@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from configs import fewshot as fewshot_config
-from exvo_jax import end_to_end
+from exvo_jax import emo18_trainer
 from exvo_jax import adaptation
 from exvo_jax import parallel
 from exvo_jax.data import schema
@@ -76,7 +76,7 @@ def test_data_parallel_step_equals_single_device_step():
 
   SGD rather than Adam: Adam divides each update by the gradient's own size, so the few weights whose gradient is
   ~1e-7 (rounding level, where summation order differs between 1 and 8 devices) get full-size random steps."""
-  target = end_to_end.make_target("hume_vb")
+  target = emo18_trainer.make_target("hume_vb")
   rng = np.random.default_rng(0)
   lengths = rng.integers(1000, 6 * 1600, size=8).astype(np.int32)  # devices hold different numbers of frames
   audio = rng.uniform(-1, 1, (8, 6 * 1600)).astype(np.float32) * (np.arange(6 * 1600)[None] < lengths[:, None])
@@ -86,9 +86,9 @@ def test_data_parallel_step_equals_single_device_step():
     mesh = parallel.make_mesh(devices)
     model = emo18.Emo18(hidden=32, bn_axis_name=parallel.DATA_AXIS)
     variables = model.init(jax.random.PRNGKey(0), audio, lengths)
-    state = end_to_end.TrainState.create(apply_fn=model.apply, params=variables["params"],
+    state = emo18_trainer.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                       batch_stats=variables["batch_stats"], tx=optax.sgd(0.05))
-    step = parallel.data_parallel(end_to_end.make_train_step(model, target), mesh)
+    step = parallel.data_parallel(emo18_trainer.make_train_step(model, target), mesh)
     state = parallel.replicate(state, mesh)
     for _ in range(2):
       state, step_metrics = step(state, parallel.shard_batch(batch, mesh))
@@ -164,7 +164,7 @@ def test_inner_loop_leaves_unselected_parameters_and_respects_the_anchor():
 def test_finetuning_restarts_from_the_same_parameters_for_every_speaker():
   """Two speakers with identical support clips get identical predictions, whatever the order of adaptation."""
   config = fewshot_config.get_config("smoke,adaptation=finetune")
-  target = end_to_end.make_target("hume_vb")
+  target = emo18_trainer.make_target("hume_vb")
   model = emo18.Emo18(hidden=16)
   rng = np.random.default_rng(0)
   clips = [rng.integers(-9000, 9000, 4000, dtype=np.int16) for _ in range(3)]
@@ -173,7 +173,7 @@ def test_finetuning_restarts_from_the_same_parameters_for_every_speaker():
   order = [("A", 0), ("A", 1), ("A", 2), ("C", 2), ("C", 1), ("C", 0), ("B", 0), ("B", 1), ("B", 2)]
   records = [{"audio": clips[c], "file_id": f"[{i}]", "speaker": s, "emotions": labels[c if s != "C" else 2 - c],
               "labelled": True} for i, (s, c) in enumerate(order)]
-  split = end_to_end.Split.read(records, target)
+  split = emo18_trainer.Split.read(records, target)
   episodes = {"A": (np.array([0, 1]), np.array([2])), "C": (np.array([3, 4]), np.array([5])),
               "B": (np.array([6, 7]), np.array([8]))}
   sample = split.batch([0], fewshot._options(config))
@@ -186,17 +186,17 @@ def test_finetuning_restarts_from_the_same_parameters_for_every_speaker():
 
 
 def test_support_and_query_sets():
-  target = end_to_end.make_target("hume_vb")
+  target = emo18_trainer.make_target("hume_vb")
   records = [{"audio": np.ones(10, np.int16), "file_id": f"[{i}]", "speaker": str(i // 4),
               "emotions": np.zeros(10, np.float32) if i % 4 < 2 else np.full(10, np.nan, np.float32),
               "labelled": i % 4 < 2} for i in range(8)]
-  test = end_to_end.Split.read(records, target)
+  test = emo18_trainer.Split.read(records, target)
   episodes = fewshot.support_query(test, num_support=2, seed=0)
   assert {s: (sup.tolist(), q.tolist()) for s, (sup, q) in episodes.items()} == {"0": ([0, 1], [2, 3]),
                                                                                  "1": ([4, 5], [6, 7])}
   for r in records:
     r["labelled"], r["emotions"] = True, np.zeros(10, np.float32)
-  val = end_to_end.Split.read(records, target)
+  val = emo18_trainer.Split.read(records, target)
   a = fewshot.support_query(val, num_support=2, seed=3)
   assert {s: e[0].tolist() for s, e in a.items()} == {s: e[0].tolist()
                                                       for s, e in fewshot.support_query(val, num_support=2,

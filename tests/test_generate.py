@@ -16,13 +16,17 @@ import pytest
 import soundfile
 
 from configs import generate as generate_config
-from exvo_jax import end_to_end
+from exvo_jax import config_check
+from exvo_jax import emo18_trainer
+from exvo_jax import gan as gan_lib
 from exvo_jax import images
 from exvo_jax import metrics
 from exvo_jax import optim
 from exvo_jax import parallel
+from exvo_jax import sampling
 from exvo_jax.data import augment
 from exvo_jax.data import schema
+from exvo_jax.evaluation import fid
 from exvo_jax.features import mel
 from exvo_jax.tasks import generate
 
@@ -81,7 +85,8 @@ def test_emotion_bins_take_clips_labelled_one():
   labels = np.zeros((4, 10), np.float32)
   labels[0, 2] = labels[1, 2] = labels[2, 5] = 1.0
   labels[3, 2] = 0.99
-  split = end_to_end.Split(None, np.array(["a"] * 4), np.array(["s"] * 4), labels, np.array([True, True, True, False]))
+  split = emo18_trainer.Split(None, np.array(["a"] * 4), np.array(["s"] * 4), labels,
+                              np.array([True, True, True, False]))
   bins = generate.emotion_bins(split)
   assert bins["Amusement"].tolist() == [0, 1] and bins["Horror"].tolist() == [2] and not len(bins["Awe"])
 
@@ -91,7 +96,7 @@ def test_heep_and_s_gen_follow_the_formulas(tmp_path):
   ratings = rng.uniform(size=(6, 10))
   emotion_of = np.array([0, 0, 0, 3, 3, 3])
   fids = {e: 2.0 for e in schema.EMOTIONS}
-  result = generate.heep_and_s_gen(ratings, fids, emotion_of)
+  result = fid.heep_and_s_gen(ratings, fids, emotion_of)
   onehot = np.zeros((3, 10))
   onehot[:, 3] = 1
   expected = np.corrcoef(onehot.ravel(), ratings[3:].ravel())[0, 1]
@@ -101,17 +106,17 @@ def test_heep_and_s_gen_follow_the_formulas(tmp_path):
   # Ratings CSV: names match by wav stem; a missing clip and a non-numeric value are named.
   path = tmp_path / "ratings.csv"
   path.write_text("File_ID," + ",".join(schema.EMOTIONS) + "\nAwe_0001.wav," + ",".join(["0.5"] * 10) + "\n")
-  np.testing.assert_allclose(generate.read_ratings(str(path), ["Awe_0001"]), [[0.5] * 10])
+  np.testing.assert_allclose(fid.read_ratings(str(path), ["Awe_0001"]), [[0.5] * 10])
   with pytest.raises(ValueError, match="no ratings for 1 generated clips"):
-    generate.read_ratings(str(path), ["Awe_0001", "Awe_0002"])
+    fid.read_ratings(str(path), ["Awe_0001", "Awe_0002"])
   path.write_text("File_ID," + ",".join(schema.EMOTIONS) + "\nAwe_0001," + ",".join(["x"] * 10) + "\n")
   with pytest.raises(ValueError, match="row 2"):
-    generate.read_ratings(str(path), ["Awe_0001"])
+    fid.read_ratings(str(path), ["Awe_0001"])
 
 
 def _smoke_gan(conditional, optimiser):
   config = generate_config.get_config(f"smoke,optimiser={optimiser}")
-  return generate.make_gan(config.gan, conditional=conditional), config
+  return gan_lib.make_gan(config.gan, conditional=conditional), config
 
 
 @pytest.mark.parametrize("optimiser", ["adam", "extra_adam"])
@@ -132,8 +137,8 @@ def test_gan_step_is_the_same_on_1_and_8_devices(optimiser):
   results = []
   for devices in (1, 8):
     mesh = parallel.make_mesh(devices)
-    step = parallel.data_parallel(generate.make_gan_step(gan, global_batch=32, seed=0), mesh)
-    state = parallel.replicate(generate.init_gan_state(gan, 0), mesh)
+    step = parallel.data_parallel(gan_lib.make_gan_step(gan, global_batch=32, seed=0), mesh)
+    state = parallel.replicate(gan_lib.init_gan_state(gan, 0), mesh)
     state, step_metrics = step(state, parallel.shard_batch(batch, mesh))
     results.append((jax.device_get(state), {k: float(v) for k, v in step_metrics.items()}))
   (one, m1), (eight, m8) = results
@@ -147,7 +152,7 @@ def test_gan_step_is_the_same_on_1_and_8_devices(optimiser):
   assert m1 == pytest.approx(m8, rel=1e-3 if optimiser == "extra_adam" else 1e-5)
   assert {"d_aux", "g_aux"} <= set(m1)  # the conditional smoke GAN has the AC-GAN head
   # The EMA warms up: at step 0 its decay is min(0.999, 1 / 10), so it is 0.1 init + 0.9 the new generator.
-  init = generate.init_gan_state(gan, 0)
+  init = gan_lib.init_gan_state(gan, 0)
   for e, p0, p1 in zip(jax.tree.leaves(one.generator_ema), jax.tree.leaves(init.generator),
                        jax.tree.leaves(one.generator)):
     np.testing.assert_allclose(e, 0.1 * np.asarray(p0) + 0.9 * np.asarray(p1), rtol=1e-5, atol=1e-6)
@@ -157,13 +162,13 @@ def test_discriminator_learns_to_tell_real_from_generated():
   """With the generator frozen, a few steps on one fixed batch drive the discriminator's RaHinge loss to ~0."""
   config = generate_config.get_config("smoke")
   config.gan.discriminator_learning_rate = 1e-3
-  gan = dataclasses.replace(generate.make_gan(config.gan, conditional=False), generator_tx=optax.sgd(0.0))
+  gan = dataclasses.replace(gan_lib.make_gan(config.gan, conditional=False), generator_tx=optax.sgd(0.0))
   t = np.arange(mel.CLIP_SAMPLES) / 16_000
   batch = {"audio": np.stack([np.sin(2 * np.pi * (300 + 50 * i) * t) for i in range(8)]).astype(np.float32),
            "condition": np.zeros((8, 10), np.float32)}
   mesh = parallel.make_mesh(1)
-  step = parallel.data_parallel(generate.make_gan_step(gan, global_batch=8, seed=0), mesh)
-  state = parallel.replicate(generate.init_gan_state(gan, 0), mesh)
+  step = parallel.data_parallel(gan_lib.make_gan_step(gan, global_batch=8, seed=0), mesh)
+  state = parallel.replicate(gan_lib.init_gan_state(gan, 0), mesh)
   losses = []
   for _ in range(12):
     state, step_metrics = step(state, parallel.shard_batch(batch, mesh))
@@ -231,7 +236,7 @@ def test_sample_mode_without_a_trained_gan_says_what_to_do(tmp_path):
 def test_fid_matrix_marks_small_bins_nan():
   rng = np.random.default_rng(0)
   a, b, tiny = rng.normal(size=(40, 3)), rng.normal(1.0, 1.0, size=(40, 3)), rng.normal(size=(1, 3))
-  matrix = generate.fid_matrix([a, b], [a, b, tiny])
+  matrix = fid.fid_matrix([a, b], [a, b, tiny])
   assert matrix[0, 0] == pytest.approx(0.0, abs=1e-6) and matrix[0, 1] > 1.0 and np.isnan(matrix[0, 2])
   assert matrix[0, 1] == pytest.approx(float(metrics.fid(a, b)))
 
@@ -241,10 +246,10 @@ def test_mode_seeking_loss_by_hand():
   first, second = rng.normal(size=(3, 4, 8, 1)), rng.normal(size=(3, 4, 8, 1))
   z1, z2 = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
   ratio = np.abs(first - second).mean(axis=(1, 2, 3)) / np.abs(z1 - z2).mean(axis=1)
-  got = float(generate.mode_seeking_loss(*(jnp.asarray(a) for a in (first, second, z1, z2))))
+  got = float(gan_lib.mode_seeking_loss(*(jnp.asarray(a) for a in (first, second, z1, z2))))
   assert got == pytest.approx(np.mean(1.0 / (ratio + 1e-5)), rel=1e-5)
   # Identical clips from different latents cost 1e5 per pair: the generator is pushed to spread them.
-  assert float(generate.mode_seeking_loss(jnp.asarray(first), jnp.asarray(first), jnp.asarray(z1),
+  assert float(gan_lib.mode_seeking_loss(jnp.asarray(first), jnp.asarray(first), jnp.asarray(z1),
                                           jnp.asarray(z2))) == pytest.approx(1e5)
 
 
@@ -256,34 +261,42 @@ def test_shuffled_label_control_separates_followed_from_ignored_conditions():
   # A common offset from every bin (fakes look fake) plus the condition's own centre.
   follows = [c + 1.5 + rng.normal(size=(80, 6)) for c in centres]
   fids = [float(metrics.fid(g, b)) for g, b in zip(follows, bins)]
-  control, spread = generate.shuffled_label_fid(follows, bins, num_shuffles=4, seed=0)
+  control, spread = fid.shuffled_label_fid(follows, bins, num_shuffles=4, seed=0)
   assert control.shape == spread.shape == (4,)
   assert all(f < c for f, c in zip(fids, control))
   # Same seed, same control; each permutation keeps the set sizes, so the pooled clips are all used once.
-  np.testing.assert_array_equal(generate.shuffled_label_fid(follows, bins, num_shuffles=4, seed=0)[0], control)
+  np.testing.assert_array_equal(fid.shuffled_label_fid(follows, bins, num_shuffles=4, seed=0)[0], control)
   # A generator that ignores its condition: every set is a draw from the same mixture.
   mixture = np.concatenate(follows)
   ignores = [mixture[rng.permutation(len(mixture))[:80]] for _ in centres]
   ignored_fids = np.array([float(metrics.fid(g, b)) for g, b in zip(ignores, bins)])
-  ignored_control, _ = generate.shuffled_label_fid(ignores, bins, num_shuffles=8, seed=1)
+  ignored_control, _ = fid.shuffled_label_fid(ignores, bins, num_shuffles=8, seed=1)
   assert np.abs(ignored_fids - ignored_control).max() < 0.25 * ignored_control.min()
   assert (ignored_fids >= ignored_control).any()
   # A set smaller than min_clips gets NaN.
-  tiny, _ = generate.shuffled_label_fid([follows[0], follows[1][:1]], bins[:2], num_shuffles=2)
+  tiny, _ = fid.shuffled_label_fid([follows[0], follows[1][:1]], bins[:2], num_shuffles=2)
   assert np.isfinite(tiny[0]) and np.isnan(tiny[1])
 
 
 def test_sample_weights_pick_the_moving_average_or_the_last_weights():
   config = generate_config.get_config("smoke")
-  state = generate.GanState(step=0, generator="last", generator_ema="average", generator_opt=None,
+  state = gan_lib.GanState(step=0, generator="last", generator_ema="average", generator_opt=None,
                             discriminator=None, discriminator_opt=None)
   gans, means = {"all": ("gan", state)}, {"Awe": "awe-vector"}
   assert generate.generator_for(config, "Awe", means, gans) == ("gan", "average", "awe-vector")
   config.sample.weights = "raw"
   assert generate.generator_for(config, "Awe", means, gans) == ("gan", "last", "awe-vector")
-  config.sample.weights = "best"
-  with pytest.raises(ValueError, match="use ema .* or raw"):
-    generate.generator_for(config, "Awe", means, gans)
+
+
+@pytest.mark.parametrize("key, value", [("sample.weights", "best"), ("sample.checkpoint", "newest"),
+                                        ("sample.condition", "mean"), ("mode", "sampel"),
+                                        ("generator", "per_emotions"), ("gan.optimiser", "extraadam")])
+def test_a_value_outside_its_choices_fails_the_config_check(key, value):
+  config = generate_config.get_config("smoke")
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(config_check.ConfigError, match=rf"--config\.{key}='{value}' is not one of: "):
+    generate.check_config(config)
 
 
 def test_the_checkpoint_with_the_lowest_validation_fid_is_sampled(tmp_path):
@@ -291,7 +304,7 @@ def test_the_checkpoint_with_the_lowest_validation_fid_is_sampled(tmp_path):
   config = generate_config.get_config("smoke")
   config.gan.steps, config.gan.eval_every, config.gan.checkpoint_every = 8, 2, 100
   config.gan.sample_every = 100
-  gan = generate.make_gan(config.gan, conditional=True)
+  gan = gan_lib.make_gan(config.gan, conditional=True)
   rng = np.random.default_rng(0)
   source = [{"audio": (rng.normal(0, 3000, mel.CLIP_SAMPLES)).astype(np.int16),
              "emotions": np.eye(10, dtype=np.float32)[k % 10], "file_id": f"c{k}", "speaker": "s"}
@@ -307,9 +320,9 @@ def test_the_checkpoint_with_the_lowest_validation_fid_is_sampled(tmp_path):
   mesh = parallel.make_mesh(1)
   logged = []
   final = generate.train_gan(config, gan, "all", source, mesh, str(tmp_path), grid_conditions=np.eye(10),
-                             evaluate=evaluate, log=logged.append)
+                             evaluate=evaluate, log=logged.append).state
   assert seen == [2, 4, 6, 8] and int(final.step) == 8
-  assert any("validation FID 3.000" in line and "best so far 5.000" in line for line in logged), logged
+  assert any("validation FID 3.000" in line and line.endswith(" *") for line in logged), logged  # a new best
   lines = [json.loads(line) for line in (tmp_path / "metrics_log_gan_all.jsonl").read_text().splitlines()]
   assert [row["step"] for row in lines if "val_fid" in row] == [2, 4, 6, 8]
 
@@ -322,15 +335,12 @@ def test_the_checkpoint_with_the_lowest_validation_fid_is_sampled(tmp_path):
   state, which = generate.restore_gan(config, gan, "all", mesh, str(tmp_path))
   assert (which["checkpoint"], which["step"], int(state.step)) == ("latest", 8, 8)
   np.testing.assert_array_equal(jax.tree.leaves(state.generator_ema)[0], expected)
-  config.sample.checkpoint = "newest"
-  with pytest.raises(ValueError, match="use best .* or latest"):
-    generate.restore_gan(config, gan, "all", mesh, str(tmp_path))
 
 
 def test_without_validation_scores_the_latest_checkpoint_is_sampled(tmp_path):
   config = generate_config.get_config("smoke")
   config.gan.steps, config.gan.sample_every = 2, 100
-  gan = generate.make_gan(config.gan, conditional=False)
+  gan = gan_lib.make_gan(config.gan, conditional=False)
   source = [{"audio": np.full(mel.CLIP_SAMPLES, 100 * k, np.int16), "emotions": np.zeros(10, np.float32),
              "file_id": f"c{k}", "speaker": "s"} for k in range(8)]
   mesh = parallel.make_mesh(1)
@@ -345,20 +355,17 @@ def test_generated_clips_are_asked_for_the_bin_labels_or_their_mean():
   labels = np.random.default_rng(0).uniform(size=(9, 10))
   bins = {e: np.array([], int) for e in schema.EMOTIONS}
   bins["Awe"], bins["Fear"] = np.array([0, 3, 5]), np.array([1, 2, 4, 6, 7, 8])
-  conditions = generate.sample_conditions(config, labels, bins)  # default: bin_labels
+  conditions = sampling.sample_conditions(config.sample.condition, labels, bins)  # default: bin_labels
   np.testing.assert_array_equal(conditions["Awe"], labels[[0, 3, 5]])
   np.testing.assert_array_equal(conditions["Horror"], np.eye(10)[[5]])  # an empty bin: its one-hot vector
   # Dealt in shuffled rounds: every row once per round, so 7 clips use each of 3 rows 2 or 3 times.
-  dealt = generate.deal_conditions(conditions["Awe"], 7, np.random.default_rng(1))
+  dealt = sampling.deal_conditions(conditions["Awe"], 7, np.random.default_rng(1))
   assert dealt.shape == (7, 10) and dealt.dtype == np.float32
   rows = [int(np.flatnonzero(np.isclose(labels[[0, 3, 5]], d).all(1))[0]) for d in dealt]
   assert sorted(rows[:3]) == [0, 1, 2] and sorted(rows[3:6]) == [0, 1, 2] and rows[6] in (0, 1, 2)
-  np.testing.assert_array_equal(generate.deal_conditions(conditions["Awe"], 7, np.random.default_rng(1)), dealt)
+  np.testing.assert_array_equal(sampling.deal_conditions(conditions["Awe"], 7, np.random.default_rng(1)), dealt)
   config.sample.condition = "bin_mean"
-  conditions = generate.sample_conditions(config, labels, bins)
+  conditions = sampling.sample_conditions(config.sample.condition, labels, bins)
   np.testing.assert_allclose(conditions["Fear"], labels[[1, 2, 4, 6, 7, 8]].mean(0))
-  np.testing.assert_allclose(generate.deal_conditions(conditions["Fear"], 4, None),
+  np.testing.assert_allclose(sampling.deal_conditions(conditions["Fear"], 4, None),
                              np.tile(labels[[1, 2, 4, 6, 7, 8]].mean(0), (4, 1)), rtol=1e-6)
-  config.sample.condition = "mean"
-  with pytest.raises(ValueError, match="use bin_labels .* or bin_mean"):
-    generate.sample_conditions(config, labels, bins)

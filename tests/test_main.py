@@ -71,3 +71,24 @@ def test_emogator_reader_on_the_shared_folder():
   assert report.num_skipped == 0, info["problems"][:5]
   assert all(s.dtype == np.int16 for _, s in decoded)
   assert 0.3 * 16000 < np.median(lengths) < 5 * 16000  # 0.8-2 s bursts, at 16 kHz
+
+
+@pytest.mark.parametrize("config, flag, fragments", [
+    ("configs/fewshot.py:smoke", "--config.adaptation=finetun",
+     ["--config.adaptation='finetun' is not one of: none, finetune, maml, fomaml"]),
+    ("configs/fewshot.py:smoke=ture", None, ["smoke='ture' is not a boolean; use true/1/yes or false/0/no"]),
+    ("configs/generate.py:smoke", "--config.sample.checkpoint=lastest",
+     ["--config.sample.checkpoint='lastest' is not one of: best, latest"]),
+    ("configs/multitask.py:smoke,fusion=compare+egemap", None,
+     ["--config.features.sets: 'egemap' not among: compare, egemaps, boaw, deepspectrum"]),
+    ("configs/describe.py:smoke", "--config.data.demo_size=tinny", ["--config.data.demo_size='tinny' is not one of"]),
+])
+def test_a_config_typo_fails_before_any_data_is_built(tmp_path, config, flag, fragments):
+  """Every task: the key, the value and the choices are named, and nothing is built (a fresh cache stays empty)."""
+  cache = tmp_path / "cache"
+  out = _main(f"--config={config}", f"--workdir={tmp_path / 'run'}", *([flag] if flag else []),
+              env={"EXVO_CACHE": str(cache)})
+  assert out.returncode != 0
+  for fragment in fragments:
+    assert fragment in out.stderr, out.stderr[-2000:]
+  assert not cache.exists() or not any(cache.iterdir())

@@ -86,7 +86,7 @@ def test_smoke_end_to_end_writes_metrics_and_submission(tmp_path):
   again = subprocess.run([sys.executable, "-m", "exvo_jax.main", "--config=configs/multitask.py:smoke",
                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "resumed after epoch 2" in again.stdout
+  assert "seed 0: resumed at step 12 of 12 (after epoch 2), finished" in again.stdout
   assert json.loads((tmp_path / "metrics.json").read_text())["mean"] == result["mean"]
 
 

@@ -41,7 +41,7 @@ def extragradient_run(opt, steps, field=bilinear_field, params=START):
   def step(carry, _):
     p, s = carry
     half, s = opt.extrapolate(field(p), s, p)
-    p, s = opt.update(field(half), s)
+    p, s = opt.step(field(half), s)
     return (p, s), p
   (final, _), path = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), None, length=steps))(params)
   return final, path
@@ -132,7 +132,7 @@ def test_state_is_a_pytree_of_arrays_and_survives_jit():
 
   def iteration(p, s):
     half, s = opt.extrapolate(jax.tree.map(lambda x: 2 * x, p), s, p)
-    return opt.update(jax.tree.map(lambda x: 2 * x, half), s)
+    return opt.step(jax.tree.map(lambda x: 2 * x, half), s)
 
   eager = iteration(params, state)
   round_tripped = jax.jit(lambda s: s)(state)

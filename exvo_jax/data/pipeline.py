@@ -212,7 +212,3 @@ def make_pipeline(source, *, batch_size, train, seed=0, num_epochs=None, audio=N
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return ds
 
-
-def device_fields(batch):
-  """The numeric part of a batch (what a jitted step takes): drops the host-only string fields."""
-  return {k: v for k, v in batch.items() if k not in STRING_FIELDS}

@@ -47,6 +47,11 @@ def format_summary(name, s):
   return line
 
 
+def check_config(config):
+  """Nothing beyond the shared data keys `main` checks."""
+  del config
+
+
 def run(config, workdir):
   """Builds `config.data` and writes `<workdir>/summary.json`; returns the summary."""
   data = config.data

@@ -19,7 +19,6 @@ Adaptations (`config.adaptation`, '+' combines speaker_norm with finetune):
                 the same way per training speaker
 """
 
-import csv
 import os
 import time
 
@@ -29,8 +28,9 @@ import numpy as np
 import optax
 
 from exvo_jax import adaptation
-from exvo_jax import end_to_end
-from exvo_jax import checkpoint
+from exvo_jax import config_check
+from exvo_jax import emo18_trainer
+from exvo_jax import loop
 from exvo_jax import parallel
 from exvo_jax import writers
 from exvo_jax.data import builders
@@ -119,47 +119,73 @@ def sample_episodes(split, rng, *, num_episodes, num_support, num_query):
   return np.stack([rng.choice(rows_of[s], size=num_support + num_query, replace=False) for s in speakers])
 
 
-def meta_train(config, model, target, variables, splits, mesh, workdir, *, first_order, log=print):
-  """MAML (or first-order MAML) from the trained model; returns the meta-learned variables."""
+class EpisodeBatches:
+  """This process's rows of every meta-step's global batch of episodes: {audio, length, labels} [E_local, S + Q,
+  ...].
+
+  Every process draws the same global episodes from one seeded generator and reads only the clips of its own
+  rows (process p: rows [p * E_local, (p + 1) * E_local)), so the global batch does not depend on the number of
+  processes. The position is the number of draws; `set_state` replays them (index draws only, no audio).
+  """
+
+  def __init__(self, split, target, *, seed, num_episodes, num_support, num_query, options):
+    self.split, self.target, self.options = split, target, options
+    self.num_episodes, self.num_support, self.num_query = num_episodes, num_support, num_query
+    self.seed = seed
+    self.rng, self.draws = np.random.default_rng(seed), 0
+    processes = jax.process_count()
+    self.local = num_episodes // processes
+    self.first = jax.process_index() * self.local
+
+  def _draw(self):
+    self.draws += 1
+    return sample_episodes(self.split, self.rng, num_episodes=self.num_episodes, num_support=self.num_support,
+                           num_query=self.num_query)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    episodes = self._draw()[self.first:self.first + self.local]
+    batch = emo18_trainer.device_batch(self.split.batch(episodes.reshape(-1), self.options), self.target)
+    return jax.tree.map(lambda x: x.reshape(*episodes.shape, *x.shape[1:]), batch)
+
+  def get_state(self):
+    return {"draws": self.draws}
+
+  def set_state(self, state):
+    self.rng, self.draws = np.random.default_rng(self.seed), 0
+    for _ in range(state["draws"]):
+      self._draw()
+
+
+def meta_train(config, model, target, variables, train, mesh, workdir, *, first_order, log=print):
+  """MAML (or first-order MAML) from the trained model on the `train` Split; returns the meta-learned variables."""
   maml = config.maml
-  train = splits["train"]
   options = pipeline.AudioOptions(clip_samples=int(maml.clip_seconds * schema.SAMPLE_RATE), random_crop=True)
   mask = adaptation.subset_mask(variables["params"], tuple(config.adapt_subset))
-  meta_step = parallel.data_parallel(
-      make_meta_step(model, target, variables["batch_stats"], mask, maml, config.num_support, first_order), mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def make_state():
     # A copy: the meta step donates its state, and the trained model's buffers are still needed afterwards.
     own = jax.tree.map(jnp.copy, variables)
-    return end_to_end.TrainState.create(apply_fn=model.apply, params=own["params"], batch_stats=own["batch_stats"],
-                             tx=optax.adam(maml.outer_learning_rate))
+    return emo18_trainer.TrainState.create(apply_fn=model.apply, params=own["params"],
+                                           batch_stats=own["batch_stats"], tx=optax.adam(maml.outer_learning_rate))
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "maml"), max_to_keep=1)
-  abstract = jax.eval_shape(make_state)
-  resumed = ckpt.restore_latest(checkpoint.with_sharding(abstract, replicated))
-  state, done = (parallel.replicate(make_state(), mesh), 0) if resumed is None else (resumed[1], resumed[0])
   episodes_per_step = max(maml.episodes_per_step // mesh.size, 1) * mesh.size
-  progress = writers.Progress(maml.meta_steps, what="meta-steps", per_item=("episodes", episodes_per_step),
-                              every_s=config.log_every_s, start=done)
-  rng = np.random.default_rng([config.seed, 7])
-  for _ in range(done):  # the same episode sequence after a resume
-    sample_episodes(train, rng, num_episodes=episodes_per_step, num_support=config.num_support,
-                    num_query=maml.num_query)
-  per_episode = config.num_support + maml.num_query
-  for i in range(done + 1, maml.meta_steps + 1):
-    episodes = sample_episodes(train, rng, num_episodes=episodes_per_step, num_support=config.num_support,
-                               num_query=maml.num_query)
-    batch = train.batch(episodes.reshape(-1), options)
-    batch = jax.tree.map(lambda x: x.reshape(episodes_per_step, per_episode, *x.shape[1:]),
-                         end_to_end.device_batch(batch, target))
-    state, step_metrics = meta_step(state, parallel.shard_batch(batch, mesh))
-    progress.update(i, extra=f"outer loss {float(step_metrics['loss']):.4f}")
-    if i % maml.checkpoint_every == 0 or i == maml.meta_steps:
-      ckpt.save(i, state)
-  ckpt.close()
-  if done >= maml.meta_steps:
-    log(f"meta-training: resumed after {done} meta-steps (done)")
+  if episodes_per_step % jax.process_count():
+    raise ValueError(f"{episodes_per_step} episodes per meta-step are not divisible by the {jax.process_count()} "
+                     "processes")
+  trainer = loop.Trainer(
+      name="meta-training", directory=os.path.join(workdir, "checkpoints", "maml"), init_state=make_state,
+      step=parallel.data_parallel(make_meta_step(model, target, variables["batch_stats"], mask, maml,
+                                                 config.num_support, first_order), mesh),
+      batches=lambda _: EpisodeBatches(train, target, seed=[config.seed, 7], num_episodes=episodes_per_step,
+                                       num_support=config.num_support, num_query=maml.num_query, options=options),
+      to_device=lambda batch: batch, max_to_keep=1, per_item=("episodes", episodes_per_step),
+      progress_every_s=config.log_every_s, log=log)
+  schedule = loop.Schedule(total_steps=maml.meta_steps, checkpoint_every=maml.checkpoint_every,
+                           log_every=maml.log_every)
+  state = loop.train(trainer, schedule, mesh).state
   return {"params": state.params, "batch_stats": variables["batch_stats"]}
 
 
@@ -257,13 +283,18 @@ def format_table(target, results):
 
 def write_submission(path, split, predictions):
   """ExVo-Few CSV: File_ID (as in data_info.csv) and the ten emotions, for every Test query clip."""
-  if not writers.is_writer():
-    return
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["File_ID", *schema.EMOTIONS])
-    for index in sorted(predictions):
-      writer.writerow([split.file_id[index], *(f"{v:.6f}" for v in predictions[index])])
+  writers.write_csv(path, ["File_ID", *schema.EMOTIONS], ([split.file_id[index], *(f"{v:.6f}" for v in
+                                                                                   predictions[index])]
+                                                         for index in sorted(predictions)))
+
+
+ADAPTATIONS = ("none", "finetune", "maml", "fomaml", "speaker_norm", "speaker_norm+finetune")
+
+
+def check_config(config):
+  """Fails before any work on a value outside its choices."""
+  config_check.choice(config, "adaptation", ADAPTATIONS)
+  config_check.choice(config, "val_split", SPLITS[config.data.dataset][1:2])
 
 
 def run(config, workdir):
@@ -271,8 +302,8 @@ def run(config, workdir):
   root = corpus.locate(data.root, dataset=data.dataset, demo_size=data.demo_size, demo_seed=data.demo_seed)
   builder, _ = builders.prepare(data.dataset, root, config="audio" if data.dataset == "hume_vb" else None,
                                 data_dir=data.tfds_dir or None, strict=data.strict)
-  target = end_to_end.make_target(data.dataset)
-  splits = {s: end_to_end.Split.read(builders.data_source(builder, s), target) for s in SPLITS[data.dataset]}
+  target = emo18_trainer.make_target(data.dataset)
+  splits = {s: emo18_trainer.Split.read(builders.data_source(builder, s), target) for s in SPLITS[data.dataset]}
   mesh = parallel.make_mesh(config.num_devices or None)
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices; set "
@@ -283,15 +314,16 @@ def run(config, workdir):
                                                    for s, v in splits.items())
         + f"; Emo18 hidden {config.hidden}; adaptation {config.adaptation}; {mesh.size} device(s)")
   start = time.monotonic()
-  variables, history, predict_fn = end_to_end.train_base(config, model, target, splits, mesh, workdir)
+  settings = emo18_trainer.BaseSettings(
+      seed=config.seed, learning_rate=config.learning_rate, batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size, max_seconds=config.max_seconds, num_epochs=config.num_epochs,
+      log_every_s=config.log_every_s)
+  variables, history, predict_fn = emo18_trainer.train_base(settings, model, target, splits["train"],
+                                                            splits[config.val_split], mesh, workdir)
   modes = set(config.adaptation.split("+"))
-  unknown = modes - {"none", "finetune", "maml", "fomaml", "speaker_norm"}
-  if unknown or (len(modes) > 1 and "speaker_norm" not in modes) or ({"maml", "fomaml"} & modes and len(modes) > 1):
-    raise ValueError(f"adaptation {config.adaptation!r}: use none, finetune, maml, fomaml, speaker_norm or "
-                     "speaker_norm+finetune")
   adapted_variables = variables
   if modes & {"maml", "fomaml"}:
-    adapted_variables = meta_train(config, model, target, variables, splits, mesh, workdir,
+    adapted_variables = meta_train(config, model, target, variables, splits["train"], mesh, workdir,
                                    first_order="fomaml" in modes)
 
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
@@ -305,11 +337,11 @@ def run(config, workdir):
       if key == "adapted" and v is variables:
         outputs_of[name][key] = outputs_of[name]["none"]
       else:
-        outputs_of[name][key] = end_to_end.predict_split(predict_fn, parallel.replicate(v, mesh), split, options,
-                                                         eval_batch)
+        outputs_of[name][key] = emo18_trainer.predict_split(predict_fn, parallel.replicate(v, mesh), split.source,
+                                                            options, eval_batch)
   if "speaker_norm" in modes:
-    _, train_embeddings = end_to_end.predict_split(predict_fn, parallel.replicate(variables, mesh), splits["train"],
-                                                   options, eval_batch)
+    _, train_embeddings = emo18_trainer.predict_split(predict_fn, parallel.replicate(variables, mesh),
+                                                      splits["train"].source, options, eval_batch)
     read_out = fit_read_out(target, splits, train_embeddings, config.read_out_l2)
 
   val = splits[config.val_split]

@@ -8,7 +8,6 @@ each seed's Val scores and their mean +- std, and the Test predictions of the be
 ExVo-Multi submission format.
 """
 
-import csv
 import dataclasses
 import json
 import os
@@ -20,10 +19,10 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from exvo_jax import checkpoint
+from exvo_jax import config_check
+from exvo_jax import loop
 from exvo_jax import metrics
 from exvo_jax import parallel
-from exvo_jax import runtime
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
@@ -72,8 +71,6 @@ def load_tables(config, root, workdir, log=print):
           processes=processes, log=log, codebook_path=os.path.join(workdir, f"codebook{features.boaw_words}.npz")))
     elif name in ("compare", "egemaps"):
       per_set.append(tables_lib.from_audio(audio_sources, name, feature_cache, processes=processes, log=log))
-    else:
-      raise ValueError(f"unknown feature set {name!r}; known: compare, egemaps, boaw, deepspectrum")
   return {s: tables_lib.fuse([t[s] for t in per_set]) for s in SPLITS}
 
 
@@ -218,24 +215,12 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
   train = tables["train"]
   init_rng = jax.random.PRNGKey(seed)
   dim = train.features.shape[1]
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def make_state():
     params = {"mlp": objective.model.init(init_rng, jnp.zeros((1, dim), jnp.float32))["params"],
               **{k: jnp.asarray(v) for k, v in objective.extra_params.items()}}
     return TrainState.create(apply_fn=objective.model.apply, params=params, tx=optax.adam(config.learning_rate))
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric=objective.select,
-                                 best_mode="max")
-  abstract = jax.eval_shape(make_state)
-  resumed = ckpt.restore_latest(checkpoint.with_sharding(abstract, replicated))
-  if resumed is None:
-    state = parallel.replicate(make_state(), mesh)
-    extra = {"epoch": 0, "best": -1e9, "best_epoch": 0, "bad_epochs": 0, "history": []}
-  else:
-    _, state, extra = resumed
-    log(f"seed {seed}: resumed after epoch {extra['epoch']}")
-  step = parallel.data_parallel(make_train_step(objective), mesh)
   # Predictions stay split over devices like their batch (out_specs P('data')), unlike the replicated state.
   predict_fn = parallel.data_parallel(make_predict_step(objective.model), mesh, donate_argnums=(),
                                       out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS))
@@ -246,54 +231,26 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
   processes = jax.process_count()
   if config.batch_size % processes:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
-  first_epoch = extra["epoch"] + 1  # of this run: its first progress line shows the start-up time
-  while extra["epoch"] < config.num_epochs and extra["bad_epochs"] < config.patience:
-    epoch = extra["epoch"] + 1
-    # One pipeline per epoch, seeded by (seed, epoch); each process reads its rows of every global batch.
-    batches = iter(pipeline.make_pipeline(records, batch_size=config.batch_size // processes, train=True,
-                                          num_epochs=1, seed=seed * 1000 + epoch, shard_index=jax.process_index(),
-                                          shard_count=processes))
-    progress = writers.Progress(steps_per_epoch, what="steps", per_item=("clips", config.batch_size),
-                                every_s=config.log_every_s, first_line=epoch == first_epoch)
-    position = extra.pop("position", None)
-    first, losses_sum, count = 1, 0.0, 0
-    if position is not None:  # resume mid-epoch at the batch after the last one trained
-      batches.set_state(position["data"])
-      first, losses_sum, count = position["step"] + 1, position["losses_sum"], position["count"]
-    for i, batch in enumerate(batches, start=first):
-      state, step_metrics = step(state, parallel.global_batch_from_local({k: batch[k] for k in keys}, mesh))
-      # The loss and SIGTERM are looked at every 50 steps: these steps take well under a millisecond.
-      if i % 50 == 0 or i == steps_per_epoch:
-        loss = float(step_metrics["loss"])
-        runtime.check_finite({"loss": loss}, step=(epoch - 1) * steps_per_epoch + i,
-                             what=f"seed {seed} epoch {epoch}", checkpointer=ckpt)
-        losses_sum, count = losses_sum + loss, count + 1
-        if i < steps_per_epoch and runtime.preemption.should_stop():
-          ckpt.save((epoch - 1) * steps_per_epoch + i, state, extra={**extra, "position": {
-              "step": i, "data": batches.get_state(), "losses_sum": losses_sum, "count": count}})
-          ckpt.close()
-          raise runtime.Preempted(f"seed {seed} saved at epoch {epoch}, step {i} of {steps_per_epoch}, in "
-                                  f"{ckpt.directory}")
-      progress.update(i, extra=f"seed {seed} epoch {epoch}")
-    val = objective.score(predict(predict_fn, state.params, tables["validation"], eval_batch),
-                          tables["validation"])
-    improved = val[objective.select] > extra["best"]
-    extra = {"epoch": epoch, "best": max(val[objective.select], extra["best"]),
-             "best_epoch": epoch if improved else extra["best_epoch"],
-             "bad_epochs": 0 if improved else extra["bad_epochs"] + 1,
-             "history": extra["history"] + [{"epoch": epoch, "train_loss": losses_sum / max(count, 1), **val}]}
-    ckpt.save(epoch * steps_per_epoch, state, metrics={objective.select: val[objective.select]}, extra=extra)
-    log(f"seed {seed} epoch {epoch}: train loss {extra['history'][-1]['train_loss']:.4f} | val " +
-        " ".join(f"{k} {v:.4f}" for k, v in val.items()) + (" *" if improved else ""))
-    if extra["epoch"] < config.num_epochs and runtime.preemption.should_stop():
-      ckpt.close()
-      raise runtime.Preempted(f"seed {seed} saved after epoch {epoch} in {ckpt.directory}")
-  best_state = ckpt.restore_best(checkpoint.with_sharding(abstract, replicated))
-  ckpt.close()
-  best = next(h for h in extra["history"] if h["epoch"] == extra["best_epoch"])
-  return best_state.params, predict_fn, {"best_epoch": extra["best_epoch"],
-                                         "val": {k: v for k, v in best.items() if k not in ("epoch", "train_loss")},
-                                         "history": extra["history"]}
+  trainer = loop.Trainer(
+      name=f"seed {seed}", directory=os.path.join(workdir, "checkpoints"), init_state=make_state,
+      step=parallel.data_parallel(make_train_step(objective), mesh),
+      # One pipeline per epoch, seeded by (seed, epoch); each process reads its rows of every global batch.
+      batches=lambda epoch: pipeline.make_pipeline(
+          records, batch_size=config.batch_size // processes, train=True, num_epochs=1, seed=seed * 1000 + epoch,
+          shard_index=jax.process_index(), shard_count=processes),
+      to_device=lambda batch: {k: batch[k] for k in keys},
+      evaluate=lambda state: objective.score(predict(predict_fn, state.params, tables["validation"], eval_batch),
+                                             tables["validation"]),
+      best_metric=objective.select, per_item=("clips", config.batch_size), progress_every_s=config.log_every_s,
+      log=log)
+  # These steps take well under a millisecond: the loss is read back (and SIGTERM agreed) every 50 steps.
+  schedule = loop.Schedule(total_steps=steps_per_epoch * config.num_epochs, steps_per_epoch=steps_per_epoch,
+                           eval_every=steps_per_epoch, log_every=50, patience=config.patience)
+  result = loop.train(trainer, schedule, mesh)
+  best = result.best_entry()
+  return result.best_state.params, predict_fn, {
+      "best_epoch": best["epoch"], "history": result.history,
+      "val": {k: v for k, v in best.items() if k not in ("step", "epoch") and not k.startswith("train_")}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,14 +258,9 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
 
 def write_submission(path, table, predictions):
   """ExVo-Multi CSV: File_ID (as in data_info.csv), Country (code), Age, then the ten emotions."""
-  if not writers.is_writer():
-    return
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["File_ID", "Country", "Age", *schema.EMOTIONS])
-    for i, file_id in enumerate(table.file_id):
-      writer.writerow([file_id, int(predictions["country"][i].argmax()), f"{predictions['age'][i]:.4f}",
-                       *(f"{v:.6f}" for v in predictions["emotions"][i])])
+  writers.write_csv(path, ["File_ID", "Country", "Age", *schema.EMOTIONS],
+                    ([file_id, int(predictions["country"][i].argmax()), f"{predictions['age'][i]:.4f}",
+                      *(f"{v:.6f}" for v in predictions["emotions"][i])] for i, file_id in enumerate(table.file_id)))
 
 
 def format_row(name, dims, summary):
@@ -365,6 +317,18 @@ def _prepare(config, workdir, tables):
                      "--config.batch_size to a multiple of the device count")
   scaled = {s: dataclasses.replace(t, features=(t.features - mean) / std) for s, t in tables.items()}
   return scaled, mesh
+
+
+FEATURE_SETS = ("compare", "egemaps", "boaw", "deepspectrum")
+
+
+def check_config(config):
+  """Fails before any work on a value outside its choices."""
+  config_check.subset(config, "features.sets", FEATURE_SETS)
+  if not config.features.sets:
+    raise config_check.ConfigError(f"--config.features.sets is empty; choose from {', '.join(FEATURE_SETS)}")
+  if config.data.dataset == "emogator":
+    config_check.subset(config, "features.sets", ("compare", "egemaps"))
 
 
 def run(config, workdir):

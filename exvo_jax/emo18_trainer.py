@@ -1,0 +1,207 @@
+"""Training Emo18 on raw audio: what it predicts, its splits, its train and predict steps, and base training.
+
+Shared by the FewShot task (the model it personalises) and the Generate task (its FID feature extractor: the 256-d
+LSTM embedding). `train_base` takes a `BaseSettings` and the train and validation `Split`s.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from exvo_jax import loop
+from exvo_jax import metrics
+from exvo_jax import parallel
+from exvo_jax.data import pipeline
+from exvo_jax.data import schema
+from exvo_jax.models import emo18
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is predicted and how it is scored.
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """The labels a corpus offers: HUME-VB's 10 intensities (regression) or EmoGator's 30 categories."""
+  kind: str  # 'regression' or 'classification'
+  names: tuple[str, ...]
+  label_key: str  # record field: 'emotions' or 'category'
+  main_metric: str  # 'mean_ccc' or 'uar'
+
+  @property
+  def num_outputs(self):
+    return len(self.names)
+
+  def loss(self, outputs, labels):
+    if self.kind == "regression":
+      return jnp.mean((outputs - labels) ** 2)
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
+
+  def score(self, predictions, labels):
+    """Per-dimension CCC and their mean (regression) or UAR (classification) of numpy predictions."""
+    if self.kind == "regression":
+      per = np.asarray(metrics.ccc(predictions, labels))
+      return {**{n: float(v) for n, v in zip(self.names, per)}, "mean_ccc": float(per.mean())}
+    return {"uar": float(metrics.uar(np.asarray(predictions).argmax(-1), labels, self.num_outputs))}
+
+
+def make_target(dataset):
+  if dataset == "emogator":
+    from exvo_jax.data import emogator as emogator_lib  # category names only
+    return Target("classification", emogator_lib.CATEGORIES, "category", "uar")
+  return Target("regression", schema.EMOTIONS, "emotions", "mean_ccc")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clips of a split: metadata in memory, audio read from the records when a batch needs it.
+
+@dataclasses.dataclass
+class Split:
+  """One split's records and their metadata (row i describes source[i])."""
+  source: Any
+  file_id: np.ndarray
+  speaker: np.ndarray
+  labels: np.ndarray  # [N, 10] float (NaN unlabelled) or [N] int categories
+  labelled: np.ndarray
+
+  @classmethod
+  def read(cls, source, target):
+    """The split's metadata (no audio decoded when `source` is a built split, see `pipeline.metadata`)."""
+    columns = pipeline.metadata(source)
+    n = len(source)
+    if n == 0:
+      return cls(source, np.zeros(0, str), np.zeros(0, str), np.zeros(0), np.zeros(0, bool))
+    labelled = columns["labelled"].astype(bool) if "labelled" in columns else np.ones(n, bool)
+    return cls(source, np.asarray(columns["file_id"]).astype(str), np.asarray(columns["speaker"]).astype(str),
+               np.asarray(columns[target.label_key]), labelled)
+
+  def batch(self, indices, options, batch_size=None):
+    """A collated batch of the clips at `indices` (padded with invalid rows up to `batch_size`)."""
+    records = [pipeline.prepare_audio(self.source[int(i)], options) for i in indices]
+    return pipeline.collate(records, batch_size=batch_size or len(records), options=options)
+
+
+def make_train_step(model, target):
+  """Per-device (pmap-style) step; BatchNorm statistics are summed over the `data` axis inside the model."""
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["audio"],
+                                 batch["length"], train=True, mutable=["batch_stats"])
+      return target.loss(out["outputs"], batch["labels"]), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, parallel.DATA_AXIS)
+    loss = jax.lax.pmean(loss, parallel.DATA_AXIS)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), {"loss": loss}
+
+  return train_step
+
+
+def make_predict_step(model):
+  def predict_step(variables, batch):
+    return model.apply(variables, batch["audio"], batch["length"], train=False)
+  return predict_step
+
+
+def device_batch(batch, target):
+  """The fields of a collated batch that the train step takes."""
+  return {"audio": batch["audio"], "length": batch["length"], "labels": batch[target.label_key]}
+
+
+def predict_split(predict_fn, variables, source, options, batch_size):
+  """Outputs and embeddings of every clip of `source` (random-access records), in order: ([N, K], [N, H]).
+
+  `batch_size` is global. In a multi-process run every process predicts its own shard and receives all outputs.
+  """
+  result = parallel.predict_all(
+      lambda batch: predict_fn(variables, batch), len(source), predict_fn.mesh, batch_size=batch_size,
+      make_batches=lambda shard_index, shard_count, local_batch: pipeline.make_pipeline(
+          source, batch_size=local_batch, train=False, audio=options, shard_index=shard_index,
+          shard_count=shard_count),
+      fields=("audio", "length"), outputs=("outputs", "embedding"))
+  return result["outputs"], result["embedding"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSettings:
+  """How `train_base` trains: the recipe's Adam learning rate and batch, epochs, and clip lengths.
+
+  Attributes:
+    seed: initialisation and shuffling seed (epoch e shuffles with seed * 1000 + e).
+    learning_rate: Adam's.
+    batch_size: global training batch (divisible by the processes and devices).
+    eval_batch_size: global batch of the validation pass (rounded to the devices).
+    max_seconds: clips are cut to this many seconds.
+    num_epochs: epochs; the one with the best validation score is returned.
+    log_every_s: seconds between progress lines.
+    log_every: steps between metric read-backs (the NaN check) and metrics-log lines.
+  """
+  seed: int = 0
+  learning_rate: float = 1e-4
+  batch_size: int = 8
+  eval_batch_size: int = 32
+  max_seconds: float = 20.0
+  num_epochs: int = 6
+  log_every_s: float = 30.0
+  log_every: int = 20
+
+  def audio_options(self):
+    return pipeline.AudioOptions(max_samples=int(self.max_seconds * schema.SAMPLE_RATE),
+                                 pad_multiple=emo18.FRAME_SAMPLES)
+
+
+def train_base(settings, model, target, train, val, mesh, workdir, log=print):
+  """Trains Emo18 on `train`, keeping the epoch with the best validation score; returns (best variables, history,
+  predict_fn).
+
+  `train`, `val`: `Split`s. Checkpoints go to `workdir/checkpoints/base` (resumed from there first); the training
+  loop (`loop.train`) evaluates on `val` at the end of every epoch and saves mid-epoch with the iterator's position
+  when SIGTERM arrives, so a resumed run continues with the very next batch.
+  """
+  options = settings.audio_options()
+  sample = train.batch([0], options)
+
+  def make_state():
+    variables = model.init(jax.random.PRNGKey(settings.seed), sample["audio"], sample["length"], train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"], tx=optax.adam(settings.learning_rate))
+
+  predict_fn = parallel.data_parallel(make_predict_step(model), mesh, donate_argnums=(),
+                                      out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS))
+  eval_batch = max(settings.eval_batch_size // mesh.size, 1) * mesh.size
+  processes = jax.process_count()
+  if settings.batch_size % processes:
+    raise ValueError(f"batch_size {settings.batch_size} is not divisible by the {processes} processes")
+  steps_per_epoch = len(train.source) // settings.batch_size
+
+  def evaluate(state):
+    outputs, _ = predict_split(predict_fn, {"params": state.params, "batch_stats": state.batch_stats}, val.source,
+                               options, eval_batch)
+    return target.score(outputs[val.labelled], val.labels[val.labelled])
+
+  trainer = loop.Trainer(
+      name="base model", directory=os.path.join(workdir, "checkpoints", "base"), init_state=make_state,
+      step=parallel.data_parallel(make_train_step(model, target), mesh),
+      batches=lambda epoch: pipeline.make_pipeline(
+          train.source, batch_size=settings.batch_size // processes, train=True, num_epochs=1,
+          seed=settings.seed * 1000 + epoch, audio=options, shard_index=jax.process_index(),
+          shard_count=processes),
+      to_device=lambda batch: device_batch(batch, target), evaluate=evaluate, best_metric=target.main_metric,
+      metrics_log=os.path.join(workdir, "metrics_log.jsonl"),
+      describe=lambda scores: f"val {target.main_metric} {scores[target.main_metric]:.4f}",
+      per_item=("clips", settings.batch_size), progress_every_s=settings.log_every_s, log=log)
+  schedule = loop.Schedule(total_steps=steps_per_epoch * settings.num_epochs, steps_per_epoch=steps_per_epoch,
+                           eval_every=steps_per_epoch, log_every=settings.log_every)
+  result = loop.train(trainer, schedule, mesh)
+  best = result.best_state
+  return {"params": best.params, "batch_stats": best.batch_stats}, result.history, predict_fn
