@@ -1,25 +1,22 @@
-"""End to end: `python -m exvo_jax.main` with the describe task on the tiny demo corpus."""
+"""`python -m exvo_jax.main`: the describe task on the tiny demo corpus, overrides, the data root, config typos."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+import smoke
 from exvo_jax.data import schema
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _main(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "exvo_jax.main", *args], cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, **(env or {})}, timeout=600)
+def _main(config, workdir, *flags, env=None):
+  return smoke.run_main(config, workdir, *flags, env=env, timeout=600, check=False)
 
 
 def test_describe_smoke_builds_the_demo_corpus_and_writes_a_summary(tmp_path):
-  out = _main("--config=configs/describe.py:smoke", f"--workdir={tmp_path}")
+  out = _main("configs/describe.py:smoke", f"{tmp_path}")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "using the demo corpus at" in out.stdout  # the cache path is printed
   summary = json.loads((tmp_path / "summary.json").read_text())
@@ -34,16 +31,16 @@ def test_describe_smoke_builds_the_demo_corpus_and_writes_a_summary(tmp_path):
 
 
 def test_overrides_and_unknown_variants(tmp_path):
-  out = _main("--config=configs/describe.py:smoke", f"--workdir={tmp_path}", "--config.data.root=/nonexistent/x")
+  out = _main("configs/describe.py:smoke", f"{tmp_path}", "--config.data.root=/nonexistent/x")
   assert out.returncode != 0 and "/nonexistent/x: corpus folder not found" in out.stderr
-  out = _main("--config=configs/describe.py:smok", f"--workdir={tmp_path}")
+  out = _main("configs/describe.py:smok", f"{tmp_path}")
   assert out.returncode != 0 and "unknown config variant 'smok'" in out.stderr
 
 
 def test_data_root_from_environment(tmp_path):
   import release_fixtures
   root = release_fixtures.write_release(tmp_path / "release", release_fixtures.make_clips())
-  out = _main("--config=configs/describe.py", f"--workdir={tmp_path / 'wd'}", env={"EXVO_DATA": str(root)})
+  out = _main("configs/describe.py", f"{tmp_path / 'wd'}", env={"EXVO_DATA": str(root)})
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads((tmp_path / "wd" / "summary.json").read_text())
   assert summary["corpus"] == str(root.resolve()) and summary["splits"]["train"]["clips"] == 6
@@ -86,7 +83,7 @@ def test_emogator_reader_on_the_shared_folder():
 def test_a_config_typo_fails_before_any_data_is_built(tmp_path, config, flag, fragments):
   """Every task: the key, the value and the choices are named, and nothing is built (a fresh cache stays empty)."""
   cache = tmp_path / "cache"
-  out = _main(f"--config={config}", f"--workdir={tmp_path / 'run'}", *([flag] if flag else []),
+  out = _main(config, tmp_path / "run", *([flag] if flag else []),
               env={"EXVO_CACHE": str(cache)})
   assert out.returncode != 0
   for fragment in fragments:

@@ -4,33 +4,15 @@ import csv
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import smoke
 from configs import multitask as multitask_config
 from exvo_jax.data import schema
-from exvo_jax.models import mlp
 from exvo_jax.tasks import multitask
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def test_mlp_shapes_and_output_ranges():
-  model = mlp.MultiTaskMLP(age_bias_init=30.0)
-  x = jax.random.normal(jax.random.PRNGKey(0), (5, 88))
-  params = model.init(jax.random.PRNGKey(1), x)["params"]
-  out = model.apply({"params": params}, x)
-  assert out["emotions"].shape == (5, 10) and out["age"].shape == (5,) and out["country"].shape == (5, 4)
-  assert bool(jnp.all((out["emotions"] > 0) & (out["emotions"] < 1)))
-  assert params["age_out"]["bias"].tolist() == [30.0]
-  assert params["Dense_0"]["kernel"].shape == (88, 128) and params["Dense_1"]["kernel"].shape == (128, 64)
-  assert set(params) >= {"LayerNorm_0", "LayerNorm_1", "emotions_hidden", "country_out"}
-
 
 def test_losses_ignore_unknown_age_and_country():
   outputs = {"emotions": jnp.full((2, 10), 0.5), "age": jnp.array([30.0, 50.0]),
@@ -61,9 +43,7 @@ def test_table2_variants_and_sweep():
 
 
 def test_smoke_end_to_end_writes_metrics_and_submission(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "exvo_jax.main", "--config=configs/multitask.py:smoke",
-                        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
+  out = smoke.run_main("configs/multitask.py:smoke", tmp_path)
   result = json.loads((tmp_path / "metrics.json").read_text())
   assert len(result["seeds"]) == 2 and result["dims"] == 88
   for key in multitask.SCORES:
@@ -83,9 +63,7 @@ def test_smoke_end_to_end_writes_metrics_and_submission(tmp_path):
   for r in rows[1:]:
     assert int(r[1]) in range(4) and 0 <= min(map(float, r[3:])) and max(map(float, r[3:])) <= 1
   # The run resumes: a second call with the same workdir trains nothing more and gives the same scores.
-  again = subprocess.run([sys.executable, "-m", "exvo_jax.main", "--config=configs/multitask.py:smoke",
-                          f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert again.returncode == 0, again.stderr[-3000:]
+  again = smoke.run_main("configs/multitask.py:smoke", tmp_path)
   assert "seed 0: resumed at step 12 of 12 (after epoch 2), finished" in again.stdout
   assert json.loads((tmp_path / "metrics.json").read_text())["mean"] == result["mean"]
 

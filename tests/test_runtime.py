@@ -1,9 +1,9 @@
-"""Scale-out and staying alive: 2 processes = 1 process, SIGTERM mid-epoch and resume, corrupt checkpoint
-fallback, the NaN guard, the workdir check, and the launch scripts' syntax."""
+"""Scale-out and staying alive: 2 processes = 1 process (FewShot with MAML, MultiTask), SIGTERM through main
+mid-epoch and resume (with a corrupt checkpoint fallback), the workdir check, cluster detection, and the launch
+scripts' syntax."""
 
 import json
 import os
-import pathlib
 import re
 import shutil
 import signal
@@ -15,26 +15,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import smoke
 from configs import fewshot as fewshot_config
 from exvo_jax import runtime
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = smoke.REPO
 SMOKE = "configs/fewshot.py:smoke"
 
 
-def _env(devices):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  env["PYTHONUNBUFFERED"] = "1"
-  return env
-
-
-def _main(workdir, *flags, devices=1, timeout=600, config=SMOKE):
-  command = [sys.executable, "-m", "exvo_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
-  done = subprocess.run(command, cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=timeout)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  return done.stdout
+def _main(workdir, *flags, devices=1, config=SMOKE):
+  return smoke.run_main(config, workdir, *flags, devices=devices, timeout=600).stdout
 
 
 def _latest_state(workdir, stage="checkpoints/base"):
@@ -77,7 +69,7 @@ def test_two_processes_match_one_process(tmp_path, run):
   one = tmp_path / "one"
   _main(one, devices=2, config=config)
   two = tmp_path / "two"
-  env = dict(_env(1), NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", CONFIG=config, WORKDIR=str(two),
+  env = dict(smoke.main_env(1), NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", CONFIG=config, WORKDIR=str(two),
              PYTHON=sys.executable)
   done = subprocess.run(["bash", "launch/local.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
@@ -109,8 +101,8 @@ def uninterrupted(tmp_path_factory):
 
 def _run_until_sigterm(workdir, after_step):
   """Starts the run, sends SIGTERM once its progress line passed `after_step`; returns its stdout."""
-  command = [sys.executable, "-m", "exvo_jax.main", f"--config={SMOKE}", f"--workdir={workdir}", *LONG]
-  process = subprocess.Popen(command, cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+  process = subprocess.Popen(smoke.main_command(SMOKE, workdir, *LONG), cwd=REPO, env=smoke.main_env(1),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
   lines = []
   try:
@@ -175,9 +167,7 @@ def test_unwritable_or_full_workdir_fails_at_start(tmp_path):
     runtime.check_workdir(str(tmp_path / "run"), min_free_bytes=2**62)
   runtime.check_workdir(str(tmp_path / "run"))
   assert not os.listdir(tmp_path / "run")  # the probe file is gone
-  done = subprocess.run([sys.executable, "-m", "exvo_jax.main", f"--config={SMOKE}",
-                         f"--workdir={blocked / 'run'}"], cwd=REPO, env=_env(1), capture_output=True, text=True,
-                        timeout=120)
+  done = smoke.run_main(SMOKE, blocked / "run", devices=1, timeout=120, check=False)
   assert done.returncode != 0 and "is not writable" in done.stderr and "Traceback" not in done.stderr
 
 
