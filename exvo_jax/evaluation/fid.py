@@ -118,6 +118,17 @@ def heep_and_s_gen(ratings, fids, emotion_of):
 
 
 
+def train_val_floor(train_emb, val_emb):
+  """The paper's Table 3: FID of every emotion's training bin against every emotion's validation bin.
+
+  train_emb, val_emb: {emotion: embeddings} for all ten. The diagonal is the floor a generator can reach (real
+  clips of the same emotion); it should be below the rest of its row. Returns the JSON-able table with bin sizes.
+  """
+  table = fid_matrix([train_emb[e] for e in EMOTIONS], [val_emb[e] for e in EMOTIONS])
+  return {"rows": "train bins", "columns": "validation bins", "emotions": list(EMOTIONS), "fid": table,
+          "train_clips": [len(train_emb[e]) for e in EMOTIONS], "val_clips": [len(val_emb[e]) for e in EMOTIONS]}
+
+
 def validation_scores(classifier, generated, val_emb, *, num_shuffles, seed):
   """`{"val_fid": mean, "val_fid_<emotion>": ...}` of generated clips against the validation bins.
 

@@ -260,14 +260,11 @@ def run(config, workdir):
     val_bins = emotion_bins(val)
     train_emb = {e: classifier.embed(Subset(train.source, bins[e]))[1] for e in EMOTIONS}
     val_emb = {e: classifier.embed(Subset(val.source, val_bins[e]))[1] for e in EMOTIONS}
-    table3 = fid.fid_matrix([train_emb[e] for e in EMOTIONS], [val_emb[e] for e in EMOTIONS])
-    floor = {"rows": "train bins", "columns": "validation bins", "emotions": list(EMOTIONS), "fid": table3,
-             "train_clips": [len(bins[e]) for e in EMOTIONS], "val_clips": [len(val_bins[e]) for e in EMOTIONS],
-             "classifier_history": history}
+    floor = dict(fid.train_val_floor(train_emb, val_emb), classifier_history=history)
     writers.write_json(os.path.join(workdir, "train_val_fid.json"), floor)
-    images.write_png(os.path.join(workdir, "train_val_fid.png"), images.heat_map(table3))
+    images.write_png(os.path.join(workdir, "train_val_fid.png"), images.heat_map(floor["fid"]))
     print("train-vs-val FID (rows train, columns val), diagonal: "
-          + ", ".join(f"{e} {table3[k, k]:.2f}" for k, e in enumerate(EMOTIONS)))
+          + ", ".join(f"{e} {floor['fid'][k, k]:.2f}" for k, e in enumerate(EMOTIONS)))
 
   gans, sampled = {}, {}
   for name in ["all"] if config.generator == "conditional" else emotions:
