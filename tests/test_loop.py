@@ -4,7 +4,9 @@ stops with the last good checkpoint named and restorable; and the loop's own rul
 
 import dataclasses
 import itertools
+import os
 import re
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -117,15 +119,18 @@ TRAINERS = {"multitask": (run_multitask, 13), "emo18_base": (run_emo18_base, 15)
             "gan": (run_gan, 3)}
 
 
-class _StopAt:
-  """Stands in for `runtime.preemption`: the k-th check reports SIGTERM (the loop checks once per step)."""
+class _SigtermAt(runtime.Preemption):
+  """The real SIGTERM handler, and a real SIGTERM sent to this process at the k-th check (once per step)."""
 
   def __init__(self, k):
+    super().__init__()
     self.calls, self.k = 0, k
 
   def should_stop(self):
     self.calls += 1
-    return self.calls >= self.k
+    if self.calls == self.k:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().should_stop()
 
 
 def _assert_trees_close(a, b):
@@ -137,9 +142,15 @@ def _assert_trees_close(a, b):
 def test_sigterm_then_rerun_ends_like_an_uninterrupted_run(name, tmp_path, tiny_splits, monkeypatch):
   run, stop_step = TRAINERS[name]
   expected_state, expected_history = run(tmp_path / "uninterrupted", tiny_splits)
-  monkeypatch.setattr(runtime, "preemption", _StopAt(stop_step))
-  with pytest.raises(runtime.Preempted, match=rf"saved at step {stop_step} of"):
-    run(tmp_path / "interrupted", tiny_splits)
+  previous = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(runtime, "preemption", _SigtermAt(stop_step).install())
+  try:
+    with pytest.raises(runtime.Preempted, match=rf"saved at step {stop_step} of"):  # main exits 0 on it
+      run(tmp_path / "interrupted", tiny_splits)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  saved = [p for p in (tmp_path / "interrupted").rglob(str(stop_step)) if p.parent.name == "latest"]
+  assert len(saved) == 1, saved  # the checkpoint of the stop
   monkeypatch.setattr(runtime, "preemption", runtime.Preemption())
   state, history = run(tmp_path / "interrupted", tiny_splits)
   _assert_trees_close(state, expected_state)

@@ -89,3 +89,10 @@ def test_a_config_typo_fails_before_any_data_is_built(tmp_path, config, flag, fr
   for fragment in fragments:
     assert fragment in out.stderr, out.stderr[-2000:]
   assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_non_finite_loss_exits_with_status_3(tmp_path):
+  """An absurd learning rate makes the first steps' loss NaN: main stops with status 3 and says what to do."""
+  out = _main("configs/multitask.py:smoke,seeds=1", tmp_path, "--config.learning_rate=1e30")
+  assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "non-finite loss" in out.stderr and "Lower the learning rate" in out.stderr
