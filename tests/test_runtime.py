@@ -52,11 +52,15 @@ def _results(workdir):
   return json.loads((workdir / "metrics.json").read_text())["results"]
 
 
-# config, the checkpoint folders compared, what metrics.json must agree on
+# config, {checkpoint folder compared: atol of its parameters}, what metrics.json must agree on. MAML's outer
+# step is second order through the inner loop and Adam scales every gradient element to about the learning rate
+# (1e-4): elements whose gradient is near zero move by what the order of the cross-device sum decides, which
+# differs between gloo (2 processes) and XLA's in-process reduction (measured: 3 of 196,608 encoder weights apart
+# by up to 2.5e-6). Any difference in the episodes would move nearly every weight by ~1e-4.
 TWO_PROCESS_RUNS = {
-    "fewshot_maml": ("configs/fewshot.py:smoke,adaptation=maml", ("checkpoints/base", "checkpoints/maml"),
+    "fewshot_maml": ("configs/fewshot.py:smoke,adaptation=maml", {"checkpoints/base": 1e-6, "checkpoints/maml": 1e-5},
                      lambda result: result["results"]),
-    "multitask": ("configs/multitask.py:smoke", ("seed0/checkpoints", "seed1/checkpoints"),
+    "multitask": ("configs/multitask.py:smoke", {"seed0/checkpoints": 1e-6, "seed1/checkpoints": 1e-6},
                   lambda result: [s["val"] for s in result["seeds"]]),
 }
 
@@ -76,8 +80,8 @@ def test_two_processes_match_one_process(tmp_path, run):
   logs = "".join(p.read_text()[-2000:] for p in sorted((two / "logs").glob("*.log"))) if (two / "logs").exists() else ""
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
   assert "process 1 of 2" in (two / "logs" / "process_1.log").read_text()
-  for stage in stages:
-    _assert_same_state(_latest_state(one, stage), _latest_state(two, stage))
+  for stage, atol in stages.items():
+    _assert_same_state(_latest_state(one, stage), _latest_state(two, stage), atol=atol)
   r1, r2 = (compared(json.loads((w / "metrics.json").read_text())) for w in (one, two))
   assert len(r1) == len(r2)
   for key, scores in (r1.items() if isinstance(r1, dict) else enumerate(r1)):
