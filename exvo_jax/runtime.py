@@ -5,8 +5,9 @@ environment says so (Slurm with several tasks, a Cloud TPU pod); then every proc
 `jax.distributed.initialize` before any other JAX call. On CPU the processes talk through gloo.
 
 Preemption: TPU VMs and Slurm send SIGTERM before they reclaim a machine. `Preemption` turns that signal into a
-flag; training loops ask `should_stop()` between steps (all processes agree, so they stop at the same step), save
-a checkpoint with the data iterator's position, and raise `Preempted`; `main` prints how to resume and exits 0.
+flag; the training loop (`loop.py`, its only caller) asks `should_stop()` between steps (all processes agree, so
+they stop at the same step), saves a checkpoint with the data iterator's position and raises `Preempted`; `main`
+prints how to resume and exits 0.
 """
 
 import os
