@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from exvo_jax import runtime
+
 DATA_AXIS = "data"
 
 
@@ -168,6 +170,7 @@ def predict_all(predict: Callable[[Any], Any], num_records: int, mesh: Mesh, *, 
       (`record shard_index + k * shard_count` is row k of the shard), padded with `valid=False` rows.
     fields: the batch fields `predict` takes.
     outputs: keys of `predict`'s result to return; None: all of them.
+  SIGTERM stops the pass before its next batch (`runtime.Preempted`).
   Returns:
     {key: numpy array}, rows in record order.
   """
@@ -176,7 +179,10 @@ def predict_all(predict: Callable[[Any], Any], num_records: int, mesh: Mesh, *, 
     raise ValueError(f"evaluation batch {batch_size} is not divisible by the {count} processes")
   local = batch_size // count
   collected, valid, records = {}, [], []
+  num_batches = -(-num_records // batch_size)
   for step, batch in enumerate(make_batches(index, count, local)):
+    runtime.preemption.check(f"prediction pass stopped at batch {step + 1} of {num_batches} (it starts over on the "
+                             "rerun; trained models are kept)")
     result = to_host({k: v for k, v in predict(global_batch_from_local(
         {f: batch[f] for f in fields}, mesh)).items() if outputs is None or k in outputs})
     for k, v in result.items():

@@ -5,11 +5,14 @@ environment says so (Slurm with several tasks, a Cloud TPU pod); then every proc
 `jax.distributed.initialize` before any other JAX call. On CPU the processes talk through gloo.
 
 Preemption: TPU VMs and Slurm send SIGTERM before they reclaim a machine. `Preemption` turns that signal into a
-flag; the training loop (`loop.py`, its only caller) asks `should_stop()` between steps (all processes agree, so
-they stop at the same step), saves a checkpoint with the data iterator's position and raises `Preempted`; `main`
-prints how to resume and exits 0.
+flag. The training loop (`loop.py`) asks `should_stop()` between steps (all processes agree, so they stop at the
+same step), saves a checkpoint with the data iterator's position and raises `Preempted`; long passes outside
+training (feature extraction, prediction, adaptation, sampling) call `check()` before each unit of work and raise
+`Preempted` with what they keep (feature caches, trained checkpoints); `main` prints `preempted: ...` and how to
+resume and exits 0, and the rerun redoes only the unfinished pass.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -74,46 +77,56 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
 def process_zero_first(build, what):
   """Runs `build()` on process 0 first, then on the others (which then find its result, e.g. a built dataset).
 
-  Builds that write shared folders (the demo corpus, TFDS records) would otherwise race between processes.
+  Builds that write shared folders (the demo corpus, TFDS records, feature caches) would otherwise race between
+  processes, and only process 0 writes shared files. When process 0 is preempted during the build, every process
+  raises `Preempted`.
   """
   if jax.process_count() == 1:
     return build()
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  result = build() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices(f"built {what}")
+  result, preempted = None, None
+  if jax.process_index() == 0:
+    try:
+      result = build()
+    except Preempted as error:
+      preempted = error
+  stopped = multihost_utils.broadcast_one_to_all(np.int32(preempted is not None))
+  if int(stopped):
+    raise preempted or Preempted(f"process 0 was stopped while building {what}")
   return result if jax.process_index() == 0 else build()
 
 
 def check_workdir(workdir, min_free_bytes=MIN_FREE_BYTES):
-  """Fails at start, with the fix, when `workdir` cannot be created or written or has too little free space.
+  """Fails at start, with the fix, when `workdir` cannot be created or written or has too little free space (URL
+  workdirs are refused earlier, by main).
 
-  Remote workdirs (gs://...) are created and probed through etils.epath; their free space is not checked.
+  Process 0 alone creates and probes it (only process 0 writes shared files); the others stop with it.
   """
-  if "://" in workdir:
-    from etils import epath  # pylint: disable=import-outside-toplevel
-    try:
-      path = epath.Path(workdir)
-      path.mkdir(parents=True, exist_ok=True)
-      probe = path / f".write-check-{jax.process_index()}"
-      probe.write_text("x")
-      probe.unlink()
-    except Exception as error:  # pylint: disable=broad-except  (any storage error: the same advice)
-      raise SystemExit(f"workdir {workdir} is not writable ({error}); check the bucket and its permissions") \
-          from None
-    return
+  problem = _workdir_problem(workdir, min_free_bytes) if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    if int(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))) and problem is None:
+      problem = f"process 0 cannot use workdir {os.path.abspath(workdir)}; its log says why"
+  if problem:
+    raise SystemExit(problem)
+
+
+def _workdir_problem(workdir, min_free_bytes):
+  """The reason `workdir` cannot hold a run, with the fix; None when it can."""
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-") as probe:
       probe.write(b"x")
       probe.flush()
   except OSError as error:
-    raise SystemExit(f"workdir {os.path.abspath(workdir)} is not writable ({error.strerror or error}); choose "
-                     "another --workdir or fix its permissions") from None
+    return (f"workdir {os.path.abspath(workdir)} is not writable ({error.strerror or error}); choose another "
+            "--workdir or fix its permissions")
   free = shutil.disk_usage(workdir).free
   if free < min_free_bytes:
-    raise SystemExit(f"workdir {os.path.abspath(workdir)} has {free / 2**20:.0f} MiB free, less than the "
-                     f"{min_free_bytes / 2**20:.0f} MiB a run needs for its checkpoints; free some space or choose "
-                     "another --workdir")
+    return (f"workdir {os.path.abspath(workdir)} has {free / 2**20:.0f} MiB free, less than the "
+            f"{min_free_bytes / 2**20:.0f} MiB a run needs for its checkpoints; free some space or choose another "
+            "--workdir")
+  return None
 
 
 def check_finite(losses, *, step, what, checkpointer):
@@ -133,18 +146,21 @@ def check_finite(losses, *, step, what, checkpointer):
 
 
 class Preemption:
-  """SIGTERM -> a flag that training loops poll; install once per process (main does).
+  """SIGTERM -> a flag that training loops and long passes poll; install once per process (main does).
 
   `should_stop()` is collective in multi-process runs (every process must call it at the same step): it stops
-  all processes when any of them was signalled.
+  all processes when any of them was signalled. `check(what)` raises `Preempted` at the next unit of work of a
+  long pass (a prediction batch, a speaker's adaptation, a clip's features, a batch of samples); inside
+  `deferred()` (the training loop's evaluations and actions: the loop saves first) it does nothing.
   """
 
   def __init__(self):
     self.requested = False
+    self._deferred = 0
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
-    print(f"process {jax.process_index()}: received signal {signum}; saving a checkpoint at the next step",
+    print(f"process {jax.process_index()}: received signal {signum}; stopping at the next step or unit of work",
           file=sys.stderr, flush=True)
 
   def install(self):
@@ -158,6 +174,23 @@ class Preemption:
     flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
     return bool(np.any(flags))
 
+  def check(self, what, *, local=False):
+    """Raises Preempted(`what`) when SIGTERM arrived (on any process; `local`: on this one, for work that only this
+    process does). Every process must call it equally often unless `local`."""
+    if self._deferred:
+      return
+    if self.requested if local else self.should_stop():
+      raise Preempted(what() if callable(what) else what)
 
-# The process's preemption flag; main installs the handler. Loops use `preemption.should_stop()`.
+  @contextlib.contextmanager
+  def deferred(self):
+    """Passes inside do not stop: their caller checks afterwards (and saves first)."""
+    self._deferred += 1
+    try:
+      yield
+    finally:
+      self._deferred -= 1
+
+
+# The process's preemption flag; main installs the handler. Loops and long passes poll it.
 preemption = Preemption()

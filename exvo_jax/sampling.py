@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import soundfile
 
+from exvo_jax import runtime
 from exvo_jax import writers
 from exvo_jax.data import schema
 from exvo_jax.features import mel
@@ -63,6 +64,8 @@ def sample_clips(generate, g_params, emotion, condition, out_dir, *, num, seed, 
     os.makedirs(folder, exist_ok=True)
   records, spectrograms = [], []
   for start in range(0, num, batch_size):
+    runtime.preemption.check(f"sampling {emotion} stopped at clip {start + 1} of {num} (the rerun samples again: the "
+                             "same clips)")
     latent = latents[start:start + batch_size]
     cond = None if conditions is None else jnp.asarray(conditions[start:start + batch_size])
     spectrogram = generate(g_params, latent, cond)

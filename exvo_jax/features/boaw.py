@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from exvo_jax import runtime
+
 CHUNK_FRAMES = 4096  # frames per assignment call: a fixed shape, compiled once
 
 
@@ -153,6 +155,8 @@ def histograms(clip_frames, codebook, *, log_weighting=True, group_frames=64 * C
   result = np.zeros((len(clip_frames), num_words), np.float64)
   first = 0
   while first < len(clip_frames):
+    runtime.preemption.check(f"bag-of-audio-words stopped at clip {first + 1} of {len(clip_frames)} (the rerun "
+                             "counts again from the cached descriptors)", local=True)
     group, size = [], 0
     while first + len(group) < len(clip_frames) and (not group or size < group_frames):
       group.append(np.asarray(clip_frames[first + len(group)]))

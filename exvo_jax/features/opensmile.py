@@ -6,7 +6,8 @@ input of the bag-of-audio-words. DeepSpectrum is not extracted here (it needs Im
 available offline): read it from the release's `feats/DeepSpectrum`.
 
 Each clip's features are written to `<cache>/<stem>.npy` as soon as they are computed, so an interrupted extraction
-resumes with the clips it has not done yet.
+resumes with the clips it has not done yet. SIGTERM stops it before the next clip (the clips in flight finish) with
+`runtime.Preempted`.
 """
 
 import concurrent.futures
@@ -15,9 +16,12 @@ import os
 import pathlib
 import time
 
+import signal
+
 import numpy as np
 
 from exvo_jax import cores
+from exvo_jax import runtime
 
 FEATURE_SETS = {
     # name: (opensmile FeatureSet name, FeatureLevel name)
@@ -51,8 +55,10 @@ def compute(smile, samples, sample_rate=16_000):
 _WORKER_SMILE = None
 
 
-def _init_worker(feature_set):
+def _init_worker(feature_set, ignore_sigterm=False):
   global _WORKER_SMILE
+  if ignore_sigterm:  # the parent decides when to stop (Slurm signals the whole job): in-flight clips finish
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
   _WORKER_SMILE = make_smile(feature_set)
 
 
@@ -104,9 +110,10 @@ def extract(stems, read, feature_set, cache_dir, *, processes=None, log=print, e
     {stem: features} (or {stem: path}) for every stem.
   """
   cache = pathlib.Path(cache_dir)
-  cache.mkdir(parents=True, exist_ok=True)
   stems = list(stems)
   todo = [stem for stem in stems if not (cache / f"{stem}.npy").is_file()]
+  if todo:  # only then: a process that finds every clip cached writes nothing
+    cache.mkdir(parents=True, exist_ok=True)
   if log and todo:
     log(f"{feature_set}: {len(stems) - len(todo)} of {len(stems)} clips cached, extracting {len(todo)} into {cache}")
   processes = processes or cores.usable()
@@ -122,18 +129,29 @@ def extract(stems, read, feature_set, cache_dir, *, processes=None, log=print, e
       log(f"{feature_set}: {done}/{len(todo)} clips, {rate:.1f} clips/s, "
           f"ETA {(len(todo) - done) / max(rate, 1e-9):.0f} s")
 
+  def stop_if_asked(done):
+    runtime.preemption.check(lambda: f"{feature_set} extraction stopped after {done} of {len(todo)} clips; they are "
+                             f"cached in {cache} and the rerun extracts the rest", local=True)
+
   if todo and processes == 1:
     _init_worker(feature_set)
     for done, job in enumerate(jobs, start=1):
       _work(job)
       report(done)
+      if done < len(todo):
+        stop_if_asked(done)
   elif todo:
     # spawn, not fork: the parent may hold JAX's threads, which a fork would copy in an unknown state.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker,
-                                                initargs=(feature_set,)) as pool:
+                                                initargs=(feature_set, True)) as pool:
       pending, done = set(), 0
       for job in jobs:
+        if runtime.preemption.requested:
+          for future in concurrent.futures.as_completed(pending):  # the clips in flight are kept
+            future.result()
+            done += 1
+          stop_if_asked(done)
         pending.add(pool.submit(_work, job))
         if len(pending) >= 4 * processes:  # a bounded window of clips in flight
           finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
