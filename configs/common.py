@@ -43,6 +43,9 @@ def get_config():
   config.task = ""
   config.seed = 0
   config.num_devices = 0  # devices of the data-parallel mesh; 0 = all
+  # A stage (base model, seed, GAN...) whose checkpoints in the workdir were made with another configuration stops
+  # the run, naming the keys; True deletes those checkpoints and trains the changed stages afresh.
+  config.restart_changed = False
 
   config.data = ml_collections.ConfigDict()
   # Corpus folder. Empty: $EXVO_DATA, and if that is unset too, the demo corpus built in the cache folder.

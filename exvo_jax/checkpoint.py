@@ -74,30 +74,33 @@ class Checkpointer:
     async_save: write in a background thread; `save` returns once the arrays
       are copied to host memory, so the state may be donated right after.
       Restores and `close` wait for outstanding writes; so does `wait`.
+    read_only: only restore: nothing is created, saved or deleted (another run's checkpoints).
   """
 
   def __init__(self, directory: epath.PathLike, *, max_to_keep: int = 2,
                best_metric: str | None = None, best_mode: str = "max",
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', not {best_mode!r}.")
     self.directory = _absolute(directory)
     self.best_metric = best_metric
     self.best_mode = best_mode
-    self._latest = ocp.CheckpointManager(
-        self.directory / "latest", item_names=_ITEMS,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-            multiprocessing_options=_barrier_prefix(self.directory / "latest")))
+
+    def options(directory, **kwargs):
+      if read_only:  # orbax warns about every save/keep setting that read_only overrides: none are set
+        kwargs.update(max_to_keep=None, save_interval_steps=0, read_only=True)
+      return ocp.CheckpointManagerOptions(create=not read_only, enable_async_checkpointing=async_save,
+                                          multiprocessing_options=_barrier_prefix(directory), **kwargs)
+
+    self._latest = ocp.CheckpointManager(self.directory / "latest", item_names=_ITEMS,
+                                         options=options(self.directory / "latest", max_to_keep=max_to_keep))
     self._best = None
     self._best_value = None
     if best_metric is not None:
       self._best = ocp.CheckpointManager(
           self.directory / "best", item_names=_ITEMS,
-          options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode=best_mode,
-              create=True, enable_async_checkpointing=async_save,
-              multiprocessing_options=_barrier_prefix(self.directory / "best")))
+          options=options(self.directory / "best", max_to_keep=1, best_fn=lambda m: m[best_metric],
+                          best_mode=best_mode))
       self._best_value = self._stored_best_value()
 
   def _stored_best_value(self) -> float | None:

@@ -160,13 +160,28 @@ class BaseSettings:
                                  pad_multiple=emo18.FRAME_SAMPLES)
 
 
-def train_base(settings, model, target, train, val, mesh, workdir, log=print):
+def base_record(data_record, settings, model):
+  """The configuration that shapes a base model (`stages`): its corpus, recipe, width and seed (not its length: more
+  epochs continue it as an uninterrupted longer run would). FewShot's base model and Generate's FID classifier
+  record the same keys, so a FewShot run's model can serve as the classifier."""
+  return {**data_record, "seed": settings.seed, "hidden": model.hidden, "num_layers": model.num_layers,
+          "learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
+          "max_seconds": settings.max_seconds}
+
+
+def base_directory(workdir):
+  return os.path.join(workdir, "checkpoints", "base")
+
+
+def train_base(settings, model, target, train, val, mesh, workdir, log=print, record=None, read_only=False,
+               name="base model"):
   """Trains Emo18 on `train`, keeping the epoch with the best validation score; returns (best variables, history,
   predict_fn).
 
   `train`, `val`: `Split`s. Checkpoints go to `workdir/checkpoints/base` (resumed from there first); the training
   loop (`loop.train`) evaluates on `val` at the end of every epoch and saves mid-epoch with the iterator's position
-  when SIGTERM arrives, so a resumed run continues with the very next batch.
+  when SIGTERM arrives, so a resumed run continues with the very next batch. `record`: the configuration that shapes
+  this model (`stages`); `read_only`: `workdir` is another run's, whose finished model is only restored.
   """
   options = settings.audio_options()
   sample = train.batch([0], options)
@@ -190,15 +205,15 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print):
     return target.score(outputs[val.labelled], val.labels[val.labelled])
 
   trainer = loop.Trainer(
-      name="base model", directory=os.path.join(workdir, "checkpoints", "base"), init_state=make_state,
+      name=name, directory=base_directory(workdir), init_state=make_state,
       step=parallel.data_parallel(make_train_step(model, target), mesh),
       batches=lambda epoch: pipeline.make_pipeline(
           train.source, batch_size=settings.batch_size // processes, train=True, num_epochs=1,
           seed=settings.seed * 1000 + epoch, audio=options, shard_index=jax.process_index(),
           shard_count=processes),
       to_device=lambda batch: device_batch(batch, target), evaluate=evaluate, best_metric=target.main_metric,
-      metrics_log=os.path.join(workdir, "metrics_log.jsonl"),
-      describe=lambda scores: f"val {target.main_metric} {scores[target.main_metric]:.4f}",
+      metrics_log=None if read_only else os.path.join(workdir, "metrics_log.jsonl"), record=record,
+      read_only=read_only, describe=lambda scores: f"val {target.main_metric} {scores[target.main_metric]:.4f}",
       per_item=("clips", settings.batch_size), progress_every_s=settings.log_every_s, log=log)
   schedule = loop.Schedule(total_steps=steps_per_epoch * settings.num_epochs, steps_per_epoch=steps_per_epoch,
                            eval_every=steps_per_epoch, log_every=settings.log_every)

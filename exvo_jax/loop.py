@@ -33,6 +33,7 @@ import numpy as np
 from exvo_jax import checkpoint
 from exvo_jax import parallel
 from exvo_jax import runtime
+from exvo_jax import stages
 from exvo_jax import writers
 
 
@@ -84,6 +85,10 @@ class Trainer:
     per_item: (name, count per step) for the progress line's second rate, e.g. ("clips", 32).
     progress_every_s: seconds between progress lines (the first step's line always shows).
     log: where the loop's own lines go.
+    record: {config key: value} of what shapes this run (`stages`), written beside its checkpoints when it starts;
+      a checkpoint folder recorded with another one stops the run (`stages.StageMismatch`). None: no record.
+    read_only: the run belongs to another workdir (a reused stage): it must be finished there; it is restored,
+      never trained, saved or logged.
   """
   name: str
   directory: str
@@ -101,6 +106,8 @@ class Trainer:
   per_item: tuple[str, int] | None = None
   progress_every_s: float = 30.0
   log: Callable[[str], None] = print
+  record: Mapping[str, Any] | None = None
+  read_only: bool = False
 
 
 @dataclasses.dataclass
@@ -160,8 +167,13 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
   """Runs (or resumes, or only restores when finished) one training run; see the module docstring."""
   if schedule.eval_every and trainer.evaluate is None:
     raise ValueError(f"{trainer.name}: eval_every {schedule.eval_every} but no evaluate function")
+  if trainer.record is not None or trainer.read_only:
+    stages.ensure(stages.Stage(trainer.name, trainer.directory, dict(trainer.record or {}),
+                               read_only=trainer.read_only))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   abstract = checkpoint.with_sharding(jax.eval_shape(trainer.init_state), replicated)
+  if trainer.read_only:
+    return _restore_finished(trainer, schedule, abstract)
   ckpt = checkpoint.Checkpointer(trainer.directory, max_to_keep=trainer.max_to_keep,
                                  best_metric=trainer.best_metric, best_mode=trainer.best_mode)
   total = schedule.total_steps
@@ -170,6 +182,11 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
     state, done, extra = parallel.replicate(trainer.init_state(), mesh), 0, {}
   else:
     done, state, extra = resumed
+    if done > total:  # its best state could come from steps this run does not have
+      ckpt.close()
+      raise stages.StageMismatch(
+          f"{trainer.name}: {trainer.directory} holds step {done}, past this run's {total} steps (fewer epochs or "
+          "steps than were trained). Fix: use another --workdir, or ask for at least as many steps")
     where = ""
     if schedule.steps_per_epoch:
       epoch, into = divmod(done, schedule.steps_per_epoch)
@@ -221,7 +238,8 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
                     + ("" if not window.last else " | " + " ".join(f"{k} {v:.4f}" for k, v in window.last.items())))
     scores = None
     if evaluating:
-      scores = dict(trainer.evaluate(state))
+      with runtime.preemption.deferred():  # a SIGTERM meanwhile is handled below, after the save
+        scores = dict(trainer.evaluate(state))
       improved = _improves(scores, trainer, ckpt.best_value)
       history.append({"step": step, **({"epoch": epoch} if schedule.steps_per_epoch else {}),
                       **window.period_means(), **scores})
@@ -238,7 +256,8 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
       stopped_early = bool(schedule.patience) and bad_evals >= schedule.patience and not last
     for every, action in trainer.actions:
       if step % every == 0 or last:
-        action(step, state)
+        with runtime.preemption.deferred():
+          action(step, state)
     stop = not last and (not multi or step % schedule.log_every == 0) and runtime.preemption.should_stop()
     if (evaluating or last or stop or stopped_early
         or (schedule.checkpoint_every and step % schedule.checkpoint_every == 0)):
@@ -260,6 +279,32 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
     best_state = ckpt.restore_best(abstract)
   ckpt.close()
   return Result(state=state, best_state=best_state, step=max(step, done), history=history, best_step=best_step)
+
+
+def _restore_finished(trainer, schedule, abstract):
+  """The finished run of a read-only trainer, restored without writing anything."""
+  ckpt = checkpoint.Checkpointer(trainer.directory, max_to_keep=trainer.max_to_keep, best_metric=trainer.best_metric,
+                                 best_mode=trainer.best_mode, read_only=True)
+  try:
+    resumed = ckpt.restore_latest(abstract)
+    if resumed is None:
+      raise stages.StageMismatch(f"{trainer.name}: nothing trained in {trainer.directory}")
+    done, state, extra = resumed
+    if done > schedule.total_steps:
+      raise stages.StageMismatch(f"{trainer.name} in {trainer.directory} was trained for {done} steps, more than "
+                                 f"this run's {schedule.total_steps}; ask for as many epochs as it was trained for")
+    if done < schedule.total_steps and not extra.get("stopped_early"):
+      raise stages.StageMismatch(f"{trainer.name} in {trainer.directory} stopped at step {done} of "
+                                 f"{schedule.total_steps}; finish it with its own run (same command and --workdir) "
+                                 "before reusing it")
+    best_state = state
+    if trainer.best_metric is not None and ckpt.best_step() is not None:
+      best_state = ckpt.restore_best(abstract)
+    trainer.log(f"{trainer.name}: reused from {trainer.directory} (step {done}, read only)")
+    return Result(state=state, best_state=best_state, step=done, history=list(extra.get("history", [])),
+                  best_step=extra.get("best_step"))
+  finally:
+    ckpt.close()
 
 
 def _improves(scores, trainer, best_value):

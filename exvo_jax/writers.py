@@ -18,14 +18,14 @@ def is_writer():
   return jax.process_index() == 0
 
 
-def _plain(value):
+def plain(value):
   """numpy/jax scalars and arrays -> JSON-able Python values (NaN -> None)."""
   if isinstance(value, dict):
-    return {str(k): _plain(v) for k, v in value.items()}
+    return {str(k): plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
+    return [plain(v) for v in value]
   if hasattr(value, "tolist"):
-    return _plain(np.asarray(value).tolist())
+    return plain(np.asarray(value).tolist())
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value
@@ -37,7 +37,7 @@ def write_json(path, obj):
     return
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(_plain(obj), f, indent=1)
+    json.dump(plain(obj), f, indent=1)
   os.replace(tmp, path)
 
 
@@ -62,7 +62,7 @@ class MetricsLog:
   def write(self, step, **metrics):
     if is_writer():
       with open(self.path, "a") as f:
-        f.write(json.dumps(_plain({"step": step, **metrics})) + "\n")
+        f.write(json.dumps(plain({"step": step, **metrics})) + "\n")
 
 
 class Progress:

@@ -24,6 +24,7 @@ from exvo_jax import gan as gan_lib
 from exvo_jax import loop
 from exvo_jax import parallel
 from exvo_jax import runtime
+from exvo_jax import stages
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
 from exvo_jax.features import tables as tables_lib
@@ -279,3 +280,20 @@ def test_a_nan_evaluation_is_never_the_best(tmp_path):
   trainer, mesh = _toy_trainer(tmp_path, [float("nan"), 0.2, float("nan")])
   result = loop.train(trainer, loop.Schedule(total_steps=12, steps_per_epoch=4, eval_every=4), mesh)
   assert result.best_step == 8
+
+
+def test_more_steps_continue_a_finished_run_exactly_and_fewer_stop_it(tmp_path):
+  """A stage's length is not part of its record: 8 steps then a rerun asking for 12 continue from step 8 and end
+  where an uninterrupted 12-step run ends (the same batches, the same optimiser); asking for 4 would return a best
+  state from steps that run does not have, so it stops."""
+  no_eval = dict(evaluate=None, best_metric=None)
+  short, mesh = _toy_trainer(tmp_path / "extended", [], **no_eval)
+  loop.train(short, loop.Schedule(total_steps=8, steps_per_epoch=4), mesh)
+  extended = loop.train(_toy_trainer(tmp_path / "extended", [], **no_eval)[0],
+                        loop.Schedule(total_steps=12, steps_per_epoch=4), mesh)
+  straight = loop.train(_toy_trainer(tmp_path / "straight", [], **no_eval)[0],
+                        loop.Schedule(total_steps=12, steps_per_epoch=4), mesh)
+  assert extended.step == straight.step == 12
+  assert float(extended.state.params["w"]) == float(straight.state.params["w"])
+  with pytest.raises(stages.StageMismatch, match="holds step 12, past this run's 4 steps"):
+    loop.train(_toy_trainer(tmp_path / "extended", [], **no_eval)[0], loop.Schedule(total_steps=4), mesh)

@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -96,3 +98,18 @@ def test_a_non_finite_loss_exits_with_status_3(tmp_path):
   out = _main("configs/multitask.py:smoke,seeds=1", tmp_path, "--config.learning_rate=1e30")
   assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
   assert "non-finite loss" in out.stderr and "Lower the learning rate" in out.stderr
+
+
+def test_a_url_workdir_is_refused_at_start_with_the_reason():
+  """gs:// fails at once, exit status 2, before JAX is even imported (nothing else can have run)."""
+  probe = ("import runpy, sys\n"
+           "sys.argv = ['main', '--config=configs/fewshot.py:smoke', '--workdir=gs://bucket/run']\n"
+           "try:\n"
+           "  runpy.run_module('exvo_jax.main', run_name='__main__')\n"
+           "finally:\n"
+           "  print('jax imported:', 'jax' in sys.modules)\n")
+  done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=smoke.main_env(), capture_output=True,
+                        text=True, timeout=60)
+  assert done.returncode == 2, done.stderr
+  assert "--workdir=gs://bucket/run: a URL is not supported as a workdir" in done.stderr and "gcsfuse" in done.stderr
+  assert "jax imported: False" in done.stdout

@@ -32,6 +32,8 @@ from exvo_jax import config_check
 from exvo_jax import emo18_trainer
 from exvo_jax import loop
 from exvo_jax import parallel
+from exvo_jax import runtime
+from exvo_jax import stages
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
@@ -160,7 +162,11 @@ class EpisodeBatches:
 
 
 def meta_train(config, model, target, variables, train, mesh, workdir, *, first_order, log=print):
-  """MAML (or first-order MAML) from the trained model on the `train` Split; returns the meta-learned variables."""
+  """MAML (or first-order MAML) from the trained model on the `train` Split; returns the meta-learned variables.
+
+  Checkpoints go to `checkpoints/maml` or `checkpoints/fomaml`: the two never resume each other's.
+  """
+  mode = "fomaml" if first_order else "maml"
   maml = config.maml
   options = pipeline.AudioOptions(clip_samples=int(maml.clip_seconds * schema.SAMPLE_RATE), random_crop=True)
   mask = adaptation.subset_mask(variables["params"], tuple(config.adapt_subset))
@@ -176,7 +182,8 @@ def meta_train(config, model, target, variables, train, mesh, workdir, *, first_
     raise ValueError(f"{episodes_per_step} episodes per meta-step are not divisible by the {jax.process_count()} "
                      "processes")
   trainer = loop.Trainer(
-      name="meta-training", directory=os.path.join(workdir, "checkpoints", "maml"), init_state=make_state,
+      name=f"meta-training ({mode})", directory=meta_directory(workdir, mode), init_state=make_state,
+      record=meta_record(config, mode),
       step=parallel.data_parallel(make_meta_step(model, target, variables["batch_stats"], mask, maml,
                                                  config.num_support, first_order), mesh),
       batches=lambda _: EpisodeBatches(train, target, seed=[config.seed, 7], num_episodes=episodes_per_step,
@@ -228,6 +235,7 @@ def personalise(config, model, target, variables, mode, split, outputs, embeddin
         head_loss, head, batch, steps=steps, learning_rate=config.finetune.learning_rate, mask=head_mask,
         anchor_weight=config.finetune.anchor_weight))
     for speaker, (support, query) in episodes.items():
+      runtime.preemption.check(f"{mode} adaptation stopped at speaker {speaker} (the rerun adapts again)")
       rows = np.concatenate([support, query])  # all of the speaker's clips; their labels are not used
       normalised = adaptation.speaker_normalise(embeddings[rows], split.speaker[rows])
       head = read_out
@@ -249,6 +257,7 @@ def personalise(config, model, target, variables, mode, split, outputs, embeddin
                                                       batch["audio"], batch["length"], train=False)["outputs"])
   options = _options(config)
   for speaker, (support, query) in episodes.items():
+    runtime.preemption.check(f"{mode} adaptation stopped at speaker {speaker} (the rerun adapts again)")
     support_batch = split.batch(support, options)
     adapted = adapt(variables["params"], {"audio": support_batch["audio"], "length": support_batch["length"],
                                           "labels": split.labels[support]})
@@ -290,6 +299,45 @@ def write_submission(path, split, predictions):
 
 ADAPTATIONS = ("none", "finetune", "maml", "fomaml", "speaker_norm", "speaker_norm+finetune")
 
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpointed stages and what shapes them.
+
+def base_settings(config):
+  return emo18_trainer.BaseSettings(
+      seed=config.seed, learning_rate=config.learning_rate, batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size, max_seconds=config.max_seconds, num_epochs=config.num_epochs,
+      log_every_s=config.log_every_s)
+
+
+def make_model(config, target):
+  return emo18.Emo18(num_outputs=target.num_outputs, hidden=config.hidden, num_layers=config.num_layers,
+                     bn_axis_name=parallel.DATA_AXIS)
+
+
+def base_record(config):
+  """The configuration that shapes the base model."""
+  target = emo18_trainer.make_target(config.data.dataset)
+  return emo18_trainer.base_record(stages.data_record(config), base_settings(config), make_model(config, target))
+
+
+def meta_record(config, mode):
+  """The configuration that shapes meta-training (`mode` maml or fomaml): the base model's and its own."""
+  return {**base_record(config), "meta": mode,
+          **stages.pick(config, ("maml", "adapt_subset", "num_support"),
+                        exclude=("maml.checkpoint_every", "maml.log_every", "maml.meta_steps"))}
+
+
+def meta_directory(workdir, mode):
+  return os.path.join(workdir, "checkpoints", mode)
+
+
+def checkpointed_stages(config, workdir):
+  """The stages this run trains (or resumes): the base model, and meta-training for maml / fomaml."""
+  result = [stages.Stage("base model", emo18_trainer.base_directory(workdir), base_record(config))]
+  for mode in sorted(set(config.adaptation.split("+")) & {"maml", "fomaml"}):
+    result.append(stages.Stage(f"meta-training ({mode})", meta_directory(workdir, mode), meta_record(config, mode)))
+  return result
+
 
 def check_config(config):
   """Fails before any work on a value outside its choices."""
@@ -308,18 +356,15 @@ def run(config, workdir):
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices; set "
                      "--config.batch_size to a multiple of the device count")
-  model = emo18.Emo18(num_outputs=target.num_outputs, hidden=config.hidden, num_layers=config.num_layers,
-                      bn_axis_name=parallel.DATA_AXIS)
+  model = make_model(config, target)
   print(f"fewshot on {data.dataset}: " + ", ".join(f"{s} {len(v.source)} clips / {len(set(v.speaker))} speakers"
                                                    for s, v in splits.items())
         + f"; Emo18 hidden {config.hidden}; adaptation {config.adaptation}; {mesh.size} device(s)")
   start = time.monotonic()
-  settings = emo18_trainer.BaseSettings(
-      seed=config.seed, learning_rate=config.learning_rate, batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size, max_seconds=config.max_seconds, num_epochs=config.num_epochs,
-      log_every_s=config.log_every_s)
+  settings = base_settings(config)
   variables, history, predict_fn = emo18_trainer.train_base(settings, model, target, splits["train"],
-                                                            splits[config.val_split], mesh, workdir)
+                                                            splits[config.val_split], mesh, workdir,
+                                                            record=base_record(config))
   modes = set(config.adaptation.split("+"))
   adapted_variables = variables
   if modes & {"maml", "fomaml"}:
@@ -347,11 +392,14 @@ def run(config, workdir):
   val = splits[config.val_split]
   val_episodes = support_query(val, num_support=config.num_support, seed=config.support_seed)
   query = np.concatenate([q for _, q in val_episodes.values()])
+  per_speaker = {}  # {mode: {speaker: the training loss (MSE or cross-entropy) on the speaker's query clips}}
   for mode in dict.fromkeys(["none", config.adaptation]):
     outs, embs = outputs_of[config.val_split]["adapted" if mode == config.adaptation else "none"]
     predictions = personalise(config, model, target, adapted_variables if mode != "none" else variables, mode, val,
                               outs, embs, val_episodes, read_out)
     results[mode] = target.score(np.stack([predictions[i] for i in query]), val.labels[query])
+    per_speaker[mode] = {speaker: float(target.loss(np.stack([predictions[i] for i in rows]), val.labels[rows]))
+                         for speaker, (_, rows) in val_episodes.items()}
   table = format_table(target, results)
   print(f"{config.val_split}: {len(query)} query clips of {len(val_episodes)} speakers "
         f"({config.num_support} support clips each, seed {config.support_seed})")
@@ -369,7 +417,7 @@ def run(config, workdir):
   result = {
       "dataset": data.dataset, "hidden": config.hidden, "adaptation": config.adaptation,
       "main_metric": target.main_metric, "split": config.val_split, "num_query_clips": int(len(query)),
-      "num_speakers": len(val_episodes), "results": results,
+      "num_speakers": len(val_episodes), "results": results, "per_speaker_loss": per_speaker,
       "base": {"history": history}, "submission": os.path.basename(submission) if submission else None,
       "seconds": time.monotonic() - start,
   }

@@ -38,6 +38,7 @@ from exvo_jax import images
 from exvo_jax import loop
 from exvo_jax import parallel
 from exvo_jax import sampling
+from exvo_jax import stages
 from exvo_jax import writers
 from exvo_jax.data import augment as augment_lib
 from exvo_jax.data import builders
@@ -85,6 +86,15 @@ def _augmentation(config):
 # ---------------------------------------------------------------------------------------------------------------
 # Training.
 
+def gan_batches(config, source):
+  """This process's stream of GAN training batches: random 4.1 s crops of `source`'s clips, augmented (`:augment`)."""
+  processes = jax.process_count()
+  return pipeline.make_pipeline(
+      source, batch_size=config.gan.batch_size // processes, train=True, seed=config.seed,
+      audio=pipeline.AudioOptions(clip_samples=mel.CLIP_SAMPLES, random_crop=True),
+      shard_index=jax.process_index(), shard_count=processes, augment=_augmentation(config))
+
+
 def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None, evaluate=None, log=print):
   """Trains one GAN on `source` (the clips of its bin, or all training clips); returns the `loop.Result`.
 
@@ -95,7 +105,6 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
   than being whichever came last.
   """
   gc = config.gan
-  processes = jax.process_count()
   if gc.batch_size % mesh.size:
     raise ValueError(f"gan.batch_size {gc.batch_size} is not divisible by the {mesh.size} devices; set "
                      "--config.gan.batch_size to a multiple of the device count")
@@ -108,7 +117,8 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
   if gan.conditional:
     grid_condition = jnp.asarray(np.resize(grid_conditions, (gc.grid_size, len(EMOTIONS))), jnp.float32)
   samples_dir = os.path.join(workdir, "train_samples")
-  os.makedirs(samples_dir, exist_ok=True)
+  if writers.is_writer():
+    os.makedirs(samples_dir, exist_ok=True)
 
   def write_grid(step, state):
     grid = np.asarray(generate(state.generator_ema, grid_latent, grid_condition))
@@ -116,13 +126,10 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
                      images.spectrogram_grid(grid, columns=min(gc.grid_size, 5), vmin=mel.PAD_VALUE))
 
   trainer = loop.Trainer(
-      name=f"GAN {name}", directory=os.path.join(workdir, "checkpoints", f"gan_{name}"),
+      name=f"GAN {name}", directory=gan_directory(workdir, name), record=gan_record(config, name),
       init_state=lambda: gan_lib.init_gan_state(gan, config.seed),
       step=parallel.data_parallel(gan_lib.make_gan_step(gan, global_batch=gc.batch_size, seed=config.seed), mesh),
-      batches=lambda _: pipeline.make_pipeline(
-          source, batch_size=gc.batch_size // processes, train=True, seed=config.seed,
-          audio=pipeline.AudioOptions(clip_samples=mel.CLIP_SAMPLES, random_crop=True),
-          shard_index=jax.process_index(), shard_count=processes, augment=_augmentation(config)),
+      batches=lambda _: gan_batches(config, source),
       to_device=lambda batch: {"audio": batch["audio"], "condition": batch["emotions"].astype(np.float32)},
       evaluate=evaluate, best_metric=fid.BEST_METRIC, best_mode="min",
       metrics_log=os.path.join(workdir, f"metrics_log_gan_{name}.jsonl"), actions=((gc.sample_every, write_grid),),
@@ -141,7 +148,7 @@ def restore_gan(config, gan, name, mesh, workdir):
   "step", "val_fid" (None for an unscored latest), "latest_step"}.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  directory = os.path.join(workdir, "checkpoints", f"gan_{name}")
+  directory = gan_directory(workdir, name)
   with checkpoint.Checkpointer(directory, best_metric=fid.BEST_METRIC, best_mode="min") as ckpt:
     abstract = checkpoint.with_sharding(jax.eval_shape(lambda: gan_lib.init_gan_state(gan, config.seed)),
                                         replicated)
@@ -171,17 +178,17 @@ def restore_gan(config, gan, name, mesh, workdir):
 # The FID classifier, validation and sampling.
 
 def train_classifier(config, splits, mesh, workdir):
-  """Emo18 on Train (best epoch by validation mean CCC), reused when config.classifier.workdir holds one; returns
-  (`fid.Classifier`, its training history)."""
+  """Emo18 on Train (best epoch by validation mean CCC); returns (`fid.Classifier`, its training history).
+
+  With `classifier.workdir` set, the finished classifier of that run is reused read only: the run must have been
+  made with the same classifier configuration, and nothing in its workdir is written.
+  """
   c = config.classifier
   target = emo18_trainer.make_target("hume_vb")
-  model = emo18.Emo18(num_outputs=target.num_outputs, hidden=c.hidden, bn_axis_name=parallel.DATA_AXIS)
-  settings = emo18_trainer.BaseSettings(
-      seed=config.seed, learning_rate=c.learning_rate, batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
-      max_seconds=c.max_seconds, num_epochs=c.num_epochs, log_every_s=config.gan.log_every_s)
+  model, settings = _classifier_model(config), _classifier_settings(config)
   variables, history, predict_fn = emo18_trainer.train_base(
-      settings, model, target, splits["train"], splits["validation"], mesh, c.workdir or os.path.join(workdir,
-                                                                                                      "classifier"))
+      settings, model, target, splits["train"], splits["validation"], mesh, classifier_workdir(config, workdir),
+      record=classifier_record(config), read_only=bool(c.workdir), name="FID classifier")
   classifier = fid.Classifier(predict_fn, parallel.replicate(variables, mesh), settings.audio_options(),
                               max(c.eval_batch_size // mesh.size, 1) * mesh.size, target.num_outputs, c.hidden)
   return classifier, history
@@ -218,6 +225,74 @@ def generator_for(config, emotion, conditions, gans):
   pick = sampling.pick_weights(config.sample.weights)
   gan, state = gans["all"] if config.generator == "conditional" else gans[emotion]
   return gan, pick(state), conditions[emotion] if config.generator == "conditional" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpointed stages and what shapes them.
+
+GAN_EXCLUDED = ("gan.steps", "gan.log_every", "gan.log_every_s", "gan.sample_every", "gan.grid_size",
+                "gan.checkpoint_every")
+# Only the checkpoint ranking (gan.eval_every > 0) reads these: mode=sample does not compare them.
+RANKING_KEYS = ("sample.weights", "sample.seed", "sample.griffin_lim_iters", "sample.condition",
+                "sample.control_shuffles")
+
+
+def classifier_workdir(config, workdir):
+  return config.classifier.workdir or os.path.join(workdir, "classifier")
+
+
+def _classifier_model(config):
+  return emo18.Emo18(num_outputs=len(EMOTIONS), hidden=config.classifier.hidden, bn_axis_name=parallel.DATA_AXIS)
+
+
+def _classifier_settings(config):
+  c = config.classifier
+  return emo18_trainer.BaseSettings(
+      seed=config.seed, learning_rate=c.learning_rate, batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
+      max_seconds=c.max_seconds, num_epochs=c.num_epochs, log_every_s=config.gan.log_every_s)
+
+
+def classifier_record(config):
+  """What shapes the FID classifier: the keys of any Emo18 base model (a FewShot run's can be reused)."""
+  return emo18_trainer.base_record(stages.data_record(config), _classifier_settings(config),
+                                   _classifier_model(config))
+
+
+def gan_directory(workdir, name):
+  return os.path.join(workdir, "checkpoints", f"gan_{name}")
+
+
+def _gan_shape_record(config):
+  return {**stages.data_record(config), **stages.pick(config, ("seed", "generator", "gan", "augment"),
+                                                      exclude=GAN_EXCLUDED)}
+
+
+def gan_record(config, name):
+  """What shapes GAN `name`: its data, recipe and augmentation and, when checkpoints are ranked on validation FID,
+  the classifier and the sampling that rank them."""
+  record = _gan_shape_record(config)
+  if config.gan.eval_every > 0:
+    record.update({f"classifier.{k}": v for k, v in classifier_record(config).items() if not k.startswith("data.")},
+                  **stages.pick(config, RANKING_KEYS))
+    if name == "all":
+      record["emotions"] = list(config.emotions or EMOTIONS)
+  return record
+
+
+def checkpointed_stages(config, workdir):
+  """The FID classifier (read only from `classifier.workdir`) and the GANs (read only in mode=sample)."""
+  result = []
+  if config.mode == "train" or config.score:
+    result.append(stages.Stage("FID classifier", emo18_trainer.base_directory(classifier_workdir(config, workdir)),
+                               classifier_record(config), read_only=bool(config.classifier.workdir)))
+  for name in ["all"] if config.generator == "conditional" else list(config.emotions or EMOTIONS):
+    sampling_only = config.mode == "sample"
+    if sampling_only and not os.path.isdir(gan_directory(workdir, name)):
+      continue  # restore_gan says to train it first
+    result.append(stages.Stage(f"GAN {name}", gan_directory(workdir, name), gan_record(config, name),
+                               read_only=sampling_only,
+                               compare=tuple(_gan_shape_record(config)) if sampling_only else None))
+  return result
 
 
 # ---------------------------------------------------------------------------------------------------------------

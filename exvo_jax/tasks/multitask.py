@@ -23,6 +23,8 @@ from exvo_jax import config_check
 from exvo_jax import loop
 from exvo_jax import metrics
 from exvo_jax import parallel
+from exvo_jax import runtime
+from exvo_jax import stages
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
@@ -64,13 +66,16 @@ def load_tables(config, root, workdir, log=print):
                                     strict=config.data.strict)
       audio_sources = {s: builders.data_source(builder, s) for s in SPLITS}
     processes = features.processes or None
+    # Process 0 extracts into the shared feature cache first; the other processes then read it.
     if name == "boaw":
-      per_set.append(tables_lib.bag_of_audio_words(
+      codebook = os.path.join(workdir, f"codebook{features.boaw_words}.npz") if writers.is_writer() else None
+      per_set.append(runtime.process_zero_first(lambda: tables_lib.bag_of_audio_words(
           audio_sources, features.boaw_words, feature_cache, seed=config.seed,
           kmeans_iterations=features.boaw_kmeans_iterations, num_assignments=features.boaw_assignments,
-          processes=processes, log=log, codebook_path=os.path.join(workdir, f"codebook{features.boaw_words}.npz")))
+          processes=processes, log=log, codebook_path=codebook), "bag-of-audio-words"))
     elif name in ("compare", "egemaps"):
-      per_set.append(tables_lib.from_audio(audio_sources, name, feature_cache, processes=processes, log=log))
+      per_set.append(runtime.process_zero_first(lambda: tables_lib.from_audio(  # pylint: disable=cell-var-from-loop
+          audio_sources, name, feature_cache, processes=processes, log=log), f"{name} features"))
   return {s: tables_lib.fuse([t[s] for t in per_set]) for s in SPLITS}
 
 
@@ -233,6 +238,7 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
   trainer = loop.Trainer(
       name=f"seed {seed}", directory=os.path.join(workdir, "checkpoints"), init_state=make_state,
+      record=seed_record(config, seed),
       step=parallel.data_parallel(make_train_step(objective), mesh),
       # One pipeline per epoch, seeded by (seed, epoch); each process reads its rows of every global batch.
       batches=lambda epoch: pipeline.make_pipeline(
@@ -310,7 +316,9 @@ def _prepare(config, workdir, tables):
   Returns (standardised tables, mesh); an indivisible batch size fails here with a clear message.
   """
   mean, std = standardiser(tables["train"].features)
-  np.savez(os.path.join(workdir, "standardiser.npz"), mean=mean, std=std)
+  if writers.is_writer():
+    os.makedirs(workdir, exist_ok=True)
+    np.savez(os.path.join(workdir, "standardiser.npz"), mean=mean, std=std)
   mesh = parallel.make_mesh(config.num_devices or None)
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices; set "
@@ -320,6 +328,19 @@ def _prepare(config, workdir, tables):
 
 
 FEATURE_SETS = ("compare", "egemaps", "boaw", "deepspectrum")
+
+
+def seed_record(config, seed):
+  """The configuration that shapes the MLP of one seed."""
+  return {**stages.data_record(config), "seed": seed,
+          **stages.pick(config, ("features", "learning_rate", "batch_size", "patience",
+                                 "uncertainty_weighting", "age_bias_at_mean"), exclude=("features.processes",))}
+
+
+def checkpointed_stages(config, workdir):
+  """One stage per seed: `<workdir>/seed<k>/checkpoints`."""
+  return [stages.Stage(f"seed {seed}", os.path.join(workdir, f"seed{seed}", "checkpoints"), seed_record(config, seed))
+          for seed in range(config.seed, config.seed + config.num_seeds)]
 
 
 def check_config(config):
@@ -373,7 +394,8 @@ def run_categories(config, workdir, root):
   builder, _ = builders.prepare("emogator", root, data_dir=config.data.tfds_dir or None, strict=config.data.strict)
   sources = {"train": builders.data_source(builder, "train"), "validation": builders.data_source(builder, "val")}
   feature_cache = builders.cache_dir() / "features" / builders.corpus_key(root)
-  per_set = [tables_lib.from_audio(sources, name, feature_cache, processes=config.features.processes or None)
+  per_set = [runtime.process_zero_first(lambda: tables_lib.from_audio(  # pylint: disable=cell-var-from-loop
+      sources, name, feature_cache, processes=config.features.processes or None), f"{name} features")
              for name in config.features.sets]
   tables = {s: tables_lib.fuse([t[s] for t in per_set]) for s in sources}
   tables, mesh = _prepare(config, workdir, tables)
