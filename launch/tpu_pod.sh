@@ -12,8 +12,8 @@
 #   CONFIG     config to run, e.g. configs/fewshot.py:hidden=256                                    (required)
 #   WORKDIR    the run's work directory, the SAME absolute path on every worker, on a filesystem every
 #              worker mounts (Filestore/NFS, a gcsfuse-mounted bucket); a path local to each VM would give
-#              each worker its own, diverging copy. gs:// paths are not supported yet: the JSON/CSV/PNG/wav
-#              outputs use plain file I/O                                                     (required)
+#              each worker its own, diverging copy. gs:// URLs are refused: the JSON/CSV/PNG/wav outputs
+#              use plain file I/O                                                             (required)
 #   REPO_DIR   the repository on the workers; ~ is the worker's home                   (default: ~/exvo_jax)
 #   SYNC=1     first copy this checkout (tracked and untracked, not ignored, files) to REPO_DIR on every
 #              worker                                                                          (default: 0)
@@ -51,7 +51,7 @@ TPU_JAX=${TPU_JAX-"jax[tpu]"}
 PYTHON=${PYTHON:-python3}
 REMOTE_ENV=${REMOTE_ENV:-}
 case $WORKDIR in
-  *://*) die "WORKDIR=$WORKDIR: remote (gs://) workdirs are not supported yet; mount the bucket (gcsfuse) or use a shared filesystem" ;;
+  *://*) die "WORKDIR=$WORKDIR: URL workdirs (gs://) are refused; mount the bucket (gcsfuse) or use a shared filesystem" ;;
   /*) echo "tpu_pod.sh: note: WORKDIR=$WORKDIR must be the same shared filesystem on every worker" >&2 ;;
   *) die "WORKDIR=$WORKDIR is relative; give an absolute path on a filesystem every worker mounts" ;;
 esac

