@@ -14,6 +14,7 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import balanced_accuracy_score
 
 from exvo_jax.data import demo
+from exvo_jax.data import release
 from exvo_jax.data import schema
 
 SEED = 0
@@ -152,7 +153,6 @@ def test_country_as_code(tmp_path, tiny):
 
 
 def test_release_reader_accepts_demo(tiny):
-  release = pytest.importorskip("exvo_jax.data.release")
   corpus = release.read_release(tiny, strict=True)  # strict: any reported problem raises
   assert len(corpus.clips) == demo.SIZES["tiny"].num_clips
   assert sum(c.is_support for c in corpus.clips) == 2 * demo.SIZES["tiny"].test_speakers

@@ -345,21 +345,44 @@ def test_heep_matches_corrcoef(x64, seed):
   np.testing.assert_allclose(metrics.heep(onehot.astype(bool), ratings), want, rtol=RTOL)
 
 
-def test_s_gen_formula(x64):
-  fid_values = np.array([2.0, 10.0, 0.5, 40.0])
-  heep_values = np.array([0.3, -0.1, 0.0, 0.9])
-  np.testing.assert_allclose(metrics.s_gen(fid_values, heep_values),
-                             (1 / fid_values + heep_values) / 2, rtol=RTOL)
-  np.testing.assert_allclose(metrics.s_gen(4.0, 0.5), 0.375, rtol=RTOL)
-  # Broadcast of one HEEP over per-emotion FIDs.
-  np.testing.assert_allclose(metrics.s_gen(fid_values, 0.2),
-                             (1 / fid_values + 0.2) / 2, rtol=RTOL)
+def test_s_gen_hand_computed_values(x64):
+  """S_GEN = (1/FID + HEEP) / 2 (ExVo 2022, hume_vb.md), on numbers worked out by hand."""
+  # (1/2 + 0.3)/2 = 0.4; (1/10 - 0.1)/2 = 0; (1/0.5 + 0)/2 = 1; (1/40 + 0.9)/2 = (0.025 + 0.9)/2 = 0.4625.
+  np.testing.assert_allclose(metrics.s_gen(np.array([2.0, 10.0, 0.5, 40.0]), np.array([0.3, -0.1, 0.0, 0.9])),
+                             [0.4, 0.0, 1.0, 0.4625], rtol=RTOL, atol=1e-12)
+  np.testing.assert_allclose(metrics.s_gen(4.0, 0.5), 0.375, rtol=RTOL)  # (0.25 + 0.5)/2
+  # One HEEP broadcast over per-emotion FIDs: (1/2 + 0.2)/2 = 0.35, (0.1 + 0.2)/2 = 0.15, (2 + 0.2)/2 = 1.1,
+  # (0.025 + 0.2)/2 = 0.1125.
+  np.testing.assert_allclose(metrics.s_gen(np.array([2.0, 10.0, 0.5, 40.0]), 0.2), [0.35, 0.15, 1.1, 0.1125],
+                             rtol=RTOL)
 
 
-def test_s_gen_with_fid_output():
-  rng = np.random.default_rng(0)
-  f = metrics.fid(rng.normal(size=(40, 16)), rng.normal(size=(40, 16)) + 1)
-  np.testing.assert_allclose(metrics.s_gen(f, 0.4), (1 / f + 0.4) / 2, rtol=1e-6)
+def test_s_gen_float32_default_and_integer_fid():
+  got = metrics.s_gen(np.array([1, 8]), 0.5)  # (1 + 0.5)/2 = 0.75, (0.125 + 0.5)/2 = 0.3125
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, [0.75, 0.3125], rtol=1e-7)
+
+
+def test_s_gen_of_hand_computed_fid_and_heep():
+  """End to end on 1-D embeddings and a 20-value HEEP whose values are worked out by hand.
+
+  FID: e1 = {0, 2}: mean 1, variance (1 + 1)/(2 - 1) = 2; e2 = {3, 7}: mean 5, variance (4 + 4)/1 = 8;
+  FID = (1 - 5)^2 + 2 + 8 - 2 sqrt(2 * 8) = 16 + 10 - 8 = 18.
+  HEEP: flattened targets x have two 1s among 20 values; the ratings y are 3 at those two, 0 at nine others and
+  2 at the remaining nine. mean(x) = 0.1, var(x) = 0.09; mean(y) = (6 + 18)/20 = 1.2,
+  var(y) = (18 + 36)/20 - 1.44 = 1.26; cov = 6/20 - 0.1 * 1.2 = 0.18; r = 0.18 / sqrt(0.09 * 1.26) = sqrt(2/7).
+  S_GEN = (1/18 + sqrt(2/7)) / 2.
+  """
+  fid_value = metrics.fid(np.array([[0.0], [2.0]]), np.array([[3.0], [7.0]]))
+  np.testing.assert_allclose(fid_value, 18.0, rtol=1e-12)
+  targets = np.zeros((2, 10), int)
+  targets[:, 4] = 1
+  ratings = np.zeros((2, 10))
+  ratings[1] = 2.0
+  ratings[:, 4] = 3.0
+  heep_value = metrics.heep(targets, ratings)
+  np.testing.assert_allclose(heep_value, np.sqrt(2 / 7), rtol=1e-6)
+  np.testing.assert_allclose(metrics.s_gen(fid_value, heep_value), (1 / 18 + np.sqrt(2 / 7)) / 2, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- jit ----

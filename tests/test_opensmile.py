@@ -3,12 +3,11 @@
 import os
 
 import numpy as np
+import opensmile
 import pytest
 import soundfile
 
 from exvo_jax.features import opensmile as opensmile_lib
-
-opensmile = pytest.importorskip("opensmile")
 
 
 def _burst(seed, seconds=1.2, sr=16_000):
