@@ -1,6 +1,7 @@
 """The Generate task: emotion bins, the config check, best/latest checkpoint choice, and `:smoke` through main."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -13,6 +14,8 @@ from exvo_jax import config_check
 from exvo_jax import emo18_trainer
 from exvo_jax import gan as gan_lib
 from exvo_jax import parallel
+from exvo_jax import sampling
+from exvo_jax.data import augment as augment_lib
 from exvo_jax.data import schema
 from exvo_jax.features import mel
 from exvo_jax.tasks import generate
@@ -63,12 +66,17 @@ def test_smoke_run_trains_samples_and_scores(tmp_path):
   assert (workdir / "train_val_fid.png").exists()
   table3 = json.loads((workdir / "train_val_fid.json").read_text())
   assert np.array(table3["fid"], dtype=float).shape == (10, 10)
-  first = soundfile.read(str(workdir / "samples" / "Awe" / "Awe_0001.wav"), dtype="int16")[0]
+  clips = {p.relative_to(workdir): p.read_bytes() for p in sorted((workdir / "samples").rglob("*.wav"))}
 
-  (workdir / "samples" / "Awe" / "Awe_0001.wav").unlink()
+  # mode=sample restores the same GAN and writes the same clips; SIGTERM while it samples the second emotion stops
+  # it (exit 0, preempted), and the rerun writes every clip and score as the uninterrupted run did.
+  shutil.rmtree(workdir / "samples")
+  stopped = smoke.run_main("configs/generate.py:smoke", workdir, "--config.mode=sample", devices=2,
+                           sigterm_at=("exvo_jax.sampling:sample_clips", 2))
+  assert "preempted: sampling Excitement stopped at clip 1 of 4" in stopped.stdout, stopped.stdout[-2000:]
   smoke.run_main("configs/generate.py:smoke", workdir, "--config.mode=sample", devices=2)
-  np.testing.assert_array_equal(soundfile.read(str(workdir / "samples" / "Awe" / "Awe_0001.wav"),
-                                               dtype="int16")[0], first)
+  assert {p.relative_to(workdir): p.read_bytes() for p in sorted((workdir / "samples").rglob("*.wav"))} == clips
+  assert json.loads((workdir / "scores.json").read_text())["per_emotion"] == per_emotion
 
 
 def test_sample_mode_without_a_trained_gan_says_what_to_do(tmp_path):
@@ -138,8 +146,10 @@ def test_the_checkpoint_with_the_lowest_validation_fid_is_sampled(tmp_path):
   np.testing.assert_array_equal(jax.tree.leaves(state.generator_ema)[0], expected)
 
 
-def test_without_validation_scores_the_latest_checkpoint_is_sampled(tmp_path):
-  config = generate_config.get_config("smoke")
+def test_a_per_emotion_gan_without_validation_scores_is_sampled_from_its_latest_checkpoint(tmp_path):
+  """`generator=per_emotion`: an unconditional GAN per emotion bin, its own checkpoint folder and stage record;
+  with no validation scores its latest checkpoint is sampled, with no condition, into the emotion's folder."""
+  config = generate_config.get_config("smoke,generator=per_emotion")
   config.gan.steps, config.gan.sample_every = 2, 100
   gan = gan_lib.make_gan(config.gan, conditional=False)
   source = [{"audio": np.full(mel.CLIP_SAMPLES, 100 * k, np.int16), "emotions": np.zeros(10, np.float32),
@@ -149,3 +159,23 @@ def test_without_validation_scores_the_latest_checkpoint_is_sampled(tmp_path):
   state, which = generate.restore_gan(config, gan, "Awe", mesh, str(tmp_path))
   assert which == {"checkpoint": "latest", "step": 2, "val_fid": None, "latest_step": 2}
   assert int(state.step) == 2
+  record = json.loads((tmp_path / "checkpoints" / "gan_Awe" / "stage.json").read_text())["record"]
+  assert record["generator"] == "per_emotion" and "emotions" not in record
+  gans = {"Awe": (gan, state), "Fear": None}
+  chosen, params, condition = generate.generator_for(config, "Awe", {"Awe": np.ones(10)}, gans)
+  assert chosen is gan and condition is None and params is state.generator_ema
+  records, spectrograms = sampling.sample_clips(gan_lib.make_generate_fn(gan), params, "Awe", condition,
+                                                str(tmp_path / "samples"), num=2, seed=0, batch_size=2,
+                                                griffin_lim_iters=2, griffin_lim_seed=0)
+  assert spectrograms.shape == (2, mel.N_MELS, mel.NUM_FRAMES) and len(records) == 2
+  assert sorted(p.name for p in (tmp_path / "samples" / "Awe").iterdir()) == ["Awe_0001.wav", "Awe_0002.wav"]
+
+
+def test_augment_variant_feeds_the_reference_augmentations_to_the_gan_batches(monkeypatch):
+  """`:augment` sets the reference's ranges (speed 0.2, pitch 3 semitones, shift 0.2 s, noise 0.01) and the GAN's
+  batches are made with them; without it the batches are not augmented."""
+  made = []
+  monkeypatch.setattr(generate.pipeline, "make_pipeline", lambda source, **kwargs: made.append(kwargs))
+  for arg, expected in (("smoke,augment", augment_lib.Augmentation(0.2, 3.0, 0.2, 0.01)), ("smoke", None)):
+    generate.gan_batches(generate_config.get_config(arg), source=[])
+    assert made[-1]["augment"] == expected and made[-1]["train"]

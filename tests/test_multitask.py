@@ -4,15 +4,32 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
+import release_fixtures
 import smoke
 from configs import multitask as multitask_config
+from exvo_jax import parallel
+from exvo_jax.data import builders
+from exvo_jax.data import corpus
 from exvo_jax.data import schema
+from exvo_jax.features import tables as tables_lib
 from exvo_jax.tasks import multitask
+
+SMOKE = "configs/multitask.py:smoke"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """The uninterrupted smoke run through main: (workdir, its stdout)."""
+  workdir = tmp_path_factory.mktemp("multitask_smoke")
+  return workdir, smoke.run_main(SMOKE, workdir).stdout
+
 
 def test_losses_ignore_unknown_age_and_country():
   outputs = {"emotions": jnp.full((2, 10), 0.5), "age": jnp.array([30.0, 50.0]),
@@ -42,14 +59,14 @@ def test_table2_variants_and_sweep():
   assert len(multitask_config.get_sweep()) == 9
 
 
-def test_smoke_end_to_end_writes_metrics_and_submission(tmp_path):
-  out = smoke.run_main("configs/multitask.py:smoke", tmp_path)
+def test_smoke_end_to_end_writes_metrics_and_submission(smoke_run):
+  tmp_path, stdout = smoke_run
   result = json.loads((tmp_path / "metrics.json").read_text())
   assert len(result["seeds"]) == 2 and result["dims"] == 88
   for key in multitask.SCORES:
     assert np.isfinite(result["mean"][key]) and np.isfinite(result["std"][key])
     assert all(np.isfinite(s["val"][key]) for s in result["seeds"])
-  assert "| egemaps | 88 |" in out.stdout
+  assert "| egemaps | 88 |" in stdout
   submission = tmp_path / result["submission"]
   assert submission.name == "ExVo-Multi_exvo_jax_1.csv"
   with open(submission) as f:
@@ -63,9 +80,30 @@ def test_smoke_end_to_end_writes_metrics_and_submission(tmp_path):
   for r in rows[1:]:
     assert int(r[1]) in range(4) and 0 <= min(map(float, r[3:])) and max(map(float, r[3:])) <= 1
   # The run resumes: a second call with the same workdir trains nothing more and gives the same scores.
-  again = smoke.run_main("configs/multitask.py:smoke", tmp_path)
+  again = smoke.run_main(SMOKE, tmp_path)
   assert "seed 0: resumed at step 12 of 12 (after epoch 2), finished" in again.stdout
   assert json.loads((tmp_path / "metrics.json").read_text())["mean"] == result["mean"]
+
+
+def test_sigterm_during_feature_extraction_exits_0_and_the_rerun_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
+  """A fresh feature cache (the same corpus and built records), SIGTERM at the 3rd clip's eGeMAPS: the run exits 0
+  saying preempted with 3 clips cached; the rerun extracts the rest and writes what the uninterrupted run wrote."""
+  reference, _ = smoke_run
+  root = corpus.locate("", dataset="hume_vb", demo_size="tiny", demo_seed=0)
+  flags = (f"--config.data.root={root}", f"--config.data.tfds_dir={builders.default_data_dir(root)}",
+           "--config.features.processes=1")
+  env = {"EXVO_CACHE": str(tmp_path / "cache")}
+  stopped = smoke.run_main(SMOKE, tmp_path / "run", *flags, env=env,
+                           sigterm_at=("exvo_jax.features.opensmile:_work", 3))
+  assert "preempted: egemaps extraction stopped after 3 of 96 clips" in stopped.stdout, stopped.stdout[-2000:]
+  cached = list((tmp_path / "cache" / "features").rglob("*.npy"))
+  assert len(cached) == 3 and not (tmp_path / "run" / "metrics.json").exists()
+  again = smoke.run_main(SMOKE, tmp_path / "run", *flags, env=env)
+  assert "93 of 96 clips" not in again.stdout and "3 of 96 clips cached, extracting 93" in again.stdout
+  result, expected = (json.loads((w / "metrics.json").read_text()) for w in (tmp_path / "run", reference))
+  assert result["seeds"] == expected["seeds"]
+  assert (tmp_path / "run" / result["submission"]).read_bytes() == (reference / expected["submission"]).read_bytes()
+  shutil.rmtree(tmp_path / "cache")
 
 
 def test_mlp_beats_the_training_mean_predictor_on_the_demo_corpus(tmp_path):
@@ -79,3 +117,118 @@ def test_mlp_beats_the_training_mean_predictor_on_the_demo_corpus(tmp_path):
   assert val["cou_uar"] > 0.25 + 0.08  # chance for 4 countries
   assert val["age_mae"] < floor["age_mae"] - 0.3
   assert val["s_mtl"] > floor["s_mtl"] + 0.15
+
+
+def _random_tables(n_train=64, n_val=32, seed=0):
+  """Features [N, 6] with emotions, age (years) and country each a function of them."""
+  rng = np.random.default_rng(seed)
+  weights = rng.normal(size=(6, 10))
+
+  def table(n):
+    features = rng.normal(size=(n, 6)).astype(np.float32)
+    emotions = (1 / (1 + np.exp(-features @ weights))).astype(np.float32)
+    return tables_lib.SplitTable(features, emotions, (30 + 8 * features[:, 0]).astype(np.float32),
+                                 (features[:, 1] > 0).astype(np.int32) + 2 * (features[:, 2] > 0),
+                                 np.array([f"c{i}" for i in range(n)]), np.array([f"s{i % 3}" for i in range(n)]),
+                                 np.ones(n, bool), np.full(n, -1, np.int32))
+  return {"train": table(n_train), "validation": table(n_val)}
+
+
+def test_early_stopping_returns_the_best_epoch_params_and_their_scores(tmp_path):
+  """patience 1 over up to 12 epochs: training stops one evaluation after the best, and what train_seed returns is
+  that best epoch: its index, its validation scores, and parameters that score exactly so on the validation clips."""
+  config = multitask_config.get_config("smoke")
+  config.num_epochs, config.patience, config.batch_size, config.learning_rate = 12, 1, 8, 3e-2
+  config.log_every_s = 1e9
+  tables = _random_tables()
+  objective = multitask.exvo_objective(config, tables["train"])
+  mesh = parallel.make_mesh(2)
+  params, predict_fn, result = multitask.train_seed(config, objective, tables, 0, str(tmp_path), mesh,
+                                                    log=lambda *_: None)
+  history = result["history"]
+  s_mtl = [h["s_mtl"] for h in history]
+  best = int(np.argmax(s_mtl))
+  assert result["best_epoch"] == history[best]["epoch"] == best + 1
+  # Stopped by patience: the evaluation after the best was the last, unless the best came at the very end.
+  assert len(history) == min(best + 2, 12)
+  assert result["val"]["s_mtl"] == s_mtl[best]
+  scores = multitask.score(multitask.predict(predict_fn, params, tables["validation"], 8), tables["validation"])
+  for key in multitask.SCORES:
+    assert scores[key] == pytest.approx(result["val"][key], abs=1e-6), key
+
+
+def test_uncertainty_weighting_learns_a_larger_sigma_for_the_larger_loss(tmp_path):
+  """Kendall et al.'s weighting: d/ds (exp(-2s) L / 2 + s) = 1 - exp(-2s) L, so from s = -0.33 the weight of a task
+  whose loss stays above exp(-0.66) ~ 0.52 (age MSE in years) falls (s rises) and that of a task whose loss stays
+  below it (emotion MSE ~ 0.05) rises (s falls)."""
+  config = multitask_config.get_config("smoke,uncertainty")
+  config.num_epochs, config.batch_size, config.log_every_s = 2, 8, 1e9
+  tables = _random_tables()
+  objective = multitask.exvo_objective(config, tables["train"])
+  assert objective.extra_params["log_sigma"].tolist() == pytest.approx([-0.33] * 3)
+  params, _, _ = multitask.train_seed(config, objective, tables, 0, str(tmp_path), parallel.make_mesh(1),
+                                      log=lambda *_: None)
+  emotions, age, _ = np.asarray(params["log_sigma"])
+  assert age > -0.33 > emotions
+
+
+def test_the_submission_comes_from_the_seed_best_on_validation(smoke_run):
+  workdir, _ = smoke_run
+  result = json.loads((workdir / "metrics.json").read_text())
+  s_mtl = {s["seed"]: s["val"]["s_mtl"] for s in result["seeds"]}
+  assert len(set(s_mtl.values())) == 2  # two different seeds: the choice matters
+  assert result["submission_seed"] == max(s_mtl, key=s_mtl.get)
+
+
+def test_release_variant_reads_the_features_shipped_with_the_release(tmp_path):
+  """`:release` on a hand-written release folder (feats/ComParE, 7 features per clip): the tables hold exactly
+  the shipped feature rows and labels of each split's clips, and the run trains on them and writes a submission
+  for every Test clip."""
+  rows = release_fixtures.make_clips((4, 2, 2), clips_per_speaker=5)
+  root = release_fixtures.write_release(tmp_path / "release", rows)
+  config = multitask_config.get_config("smoke,release")
+  config.data.root, config.data.tfds_dir, config.log_every_s = str(root), str(tmp_path / "tfds"), 1e9
+  tables = multitask.load_tables(config, root, str(tmp_path), log=lambda *_: None)
+  for split, name in zip(multitask.SPLITS, schema.SPLITS):
+    expected = {r["stem"]: r for r in rows if r["split"] == name}
+    table = tables[split]
+    stems = [f.strip("[]") for f in table.file_id]
+    assert sorted(stems) == sorted(expected)
+    for i, stem in enumerate(stems):
+      np.testing.assert_array_equal(table.features[i], expected[stem]["features"])
+      np.testing.assert_array_equal(table.emotions[i], expected[stem]["emotions"])
+      assert table.age[i] == np.float32(expected[stem]["age"]) and table.country[i] == expected[stem]["country"]
+  result = multitask.run(config, str(tmp_path / "run"))
+  assert result["dims"] == 7 and all(np.isfinite(s["val"]["s_mtl"]) for s in result["seeds"])
+  with open(tmp_path / "run" / result["submission"]) as f:
+    submitted = [r[0].strip("[]") for r in list(csv.reader(f))[1:]]
+  assert sorted(submitted) == sorted(r["stem"] for r in rows if r["split"] == "Test")
+
+
+EMOGATOR = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "emogator"
+
+
+@pytest.mark.skipif(not (EMOGATOR / "labels.csv").is_file(), reason="the EmoGator folder is not on this machine")
+def test_emogator_variant_learns_the_categories_of_real_bursts(tmp_path):
+  """`:emogator,egemaps` through main on 6 real speakers (4 train, 2 val; 540 mp3 clips, 30 categories): eGeMAPS of
+  real bursts and one 30-way head. Every speaker voices each category 3 times, so validation UAR is accuracy here,
+  and it must beat chance (1/30) by a one-sided binomial test over the 180 validation clips (p < 0.01)."""
+  labels = (EMOGATOR / "labels.csv").read_text().splitlines()
+  speakers = {}
+  for line in labels[1:]:
+    speakers.setdefault(line.split(",")[1], {})[line.split(",")[2]] = True
+  keep = set(list(speakers["train"])[:4] + list(speakers["val"])[:2])
+  (tmp_path / "eg" / "mp3").mkdir(parents=True)
+  rows = [labels[0]] + [line for line in labels[1:] if line.split(",")[2] in keep]
+  (tmp_path / "eg" / "labels.csv").write_text("\n".join(rows) + "\n")
+  for line in rows[1:]:
+    name = line.split(",")[0]
+    (tmp_path / "eg" / "mp3" / name).symlink_to((EMOGATOR / "mp3" / name).resolve())
+  smoke.run_main("configs/multitask.py:emogator,egemaps,seeds=1", tmp_path / "run",
+                 f"--config.data.root={tmp_path / 'eg'}", "--config.log_every_s=1e9")
+  result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  assert len(rows) - 1 == 540 and result["dims"] == 88 and result["chance_uar"] == pytest.approx(1 / 30)
+  correct = round(result["mean"]["uar"] * 180)
+  p_value = scipy.stats.binomtest(correct, 180, 1 / 30, alternative="greater").pvalue
+  print(f"validation UAR {result['mean']['uar']:.3f} ({correct} of 180 clips), p = {p_value:.2g}")
+  assert p_value < 0.01
