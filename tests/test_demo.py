@@ -137,6 +137,29 @@ def test_avb_labels(tiny):
           assert r["Voc_Type"] == demo.VOC_TYPE[dominant]
 
 
+def test_avb_column_orders_are_the_releases():
+  """Written out from the A-VB release: culture_info.csv has each country's nine emotions other than Surprise, then
+  the four Surprise columns; Voc_Type is encoded alphabetically by the organisers."""
+  nine = ["Awe", "Excitement", "Amusement", "Awkwardness", "Fear", "Horror", "Distress", "Triumph", "Sadness"]
+  countries = ["China", "United States", "South Africa", "Venezuela"]
+  expected = [f"{c}_{e}" for c in countries for e in nine] + [f"{c}_Surprise" for c in countries]
+  assert list(schema.AVB_CULTURE) == expected and len(expected) == 40
+  assert schema.AVB_CULTURE[9] == "United States_Awe" and schema.AVB_CULTURE[36] == "China_Surprise"
+  assert list(schema.AVB_TYPES) == ["Cry", "Gasp", "Groan", "Grunt", "Laugh", "Other", "Pant", "Scream"]
+
+
+def test_each_culture_column_follows_its_own_emotion(tiny):
+  """A demo culture label is its emotion's intensity times a country factor plus noise: every column correlates
+  most with the intensity its name says, whatever the column order."""
+  info = {r["File_ID"]: r for r in _read_csv(tiny / "data_info.csv") if r["Split"] != "Test"}
+  rows = [r for r in _read_csv(tiny / "labels" / "culture_info.csv") if r["File_ID"] in info]
+  intensities = np.array([_emotions(info[r["File_ID"]]) for r in rows])
+  for column in schema.AVB_CULTURE:
+    values = np.array([float(r[column]) for r in rows])
+    correlations = [np.corrcoef(values, intensities[:, j])[0, 1] for j in range(len(schema.EMOTIONS))]
+    assert schema.EMOTIONS[int(np.argmax(correlations))] == column.split("_")[1], column
+
+
 def test_country_as_code(tmp_path, tiny):
   root = demo.write_demo_corpus(tmp_path, size="tiny", seed=SEED, country_as="code")
   rows = _read_csv(root / "data_info.csv")

@@ -117,8 +117,10 @@ class _ReportingBuilder(tfds.core.GeneratorBasedBuilder):
 class HumeVb(_ReportingBuilder):
   """HUME-VB (ExVo 2022 + A-VB 2022 labels) from the release folder given as manual_dir."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "written by exvo_jax's own writer (no TensorFlow at any size), with metadata files"}
+  VERSION = tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {"1.1.0": "written by exvo_jax's own writer (no TensorFlow at any size), with metadata files",
+                   "1.2.0": "avb_culture in the release's column order, avb_type in the organisers' alphabetical "
+                            "class order"}
   BUILDER_CONFIGS = [HumeVbConfig(name="audio", description="16 kHz int16 waveforms")] + [
       HumeVbConfig(name=name, feature_set=folder, description=f"feats/{folder} functionals")
       for name, folder in _FEATURE_CONFIGS.items()

@@ -78,7 +78,7 @@ from exvo_jax.data import schema
 # From this many clips on, ensure_demo_corpus renders in worker processes (starting them costs about 2 s).
 PARALLEL_CLIPS = 4096
 # Bumped whenever the generator's output changes, so cached corpora are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: culture_info.csv columns in the A-VB release's order
 _MARKER = ".demo_complete"
 
 SR = schema.SAMPLE_RATE
@@ -184,6 +184,9 @@ def _fixed_tables():
 
 
 _COUNTRY_STYLE, _CULTURE_FACTOR = _fixed_tables()  # _CULTURE_FACTOR rows: schema.AVB_CULTURE_COUNTRIES order
+# Where each schema.AVB_CULTURE column sits in the flattened [country, emotion] culture factors.
+_CULTURE_COLUMNS = np.array([schema.AVB_CULTURE_COUNTRIES.index(name.split("_")[0]) * NUM_EMOTIONS
+                             + schema.EMOTIONS.index(name.split("_")[1]) for name in schema.AVB_CULTURE])
 
 # Vowel formants F1-F3 (Hz, adult male reference); F4, F5 fixed. 'm' approximates a nasal hum.
 _VOWELS = {
@@ -636,7 +639,7 @@ def _avb_labels(labels, dominant, rng):
   """A-VB labels from the rated emotions [10]: ([2] valence/arousal, [40] culture, Voc_Type name)."""
   two = np.clip(labels @ _VALENCE_AROUSAL / labels.sum() + rng.normal(0, 0.02, 2), 0.0, 1.0)
   culture = np.clip(labels[None] * _CULTURE_FACTOR + rng.normal(0, 0.03, _CULTURE_FACTOR.shape), 0.0, 1.0)
-  return two, culture.reshape(-1), VOC_TYPE[schema.EMOTIONS[dominant]]
+  return two, culture.reshape(-1)[_CULTURE_COLUMNS], VOC_TYPE[schema.EMOTIONS[dominant]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
