@@ -1,0 +1,146 @@
+"""Every label set a model can be trained on, described as data.
+
+A `Target` says where its labels live in a clip record, whether it is a regression or a classification, the names of
+its dimensions (or classes), the output activation the feature MLP puts on it, its loss, its metric and the columns
+it writes to a submission file. Trainers take a list of targets instead of hard-coding heads, so any trainer trains
+on any label set: ExVo's emotions, age and country, the four A-VB tasks, or EmoGator's categories.
+
+Missing labels are part of the data: a regression row with any NaN, or a class below 0, is unknown and is left out
+of that target's loss and score only (A-VB's hidden test labels, a clip with no age, a Culture row missing columns).
+
+Metrics are the challenges' own (see exvo_jax/metrics.py): CCC with population moments for every regression of
+intensities (the A-VB organisers' code mixes 1/(n-1) variances with a 1/n covariance; that estimator is not
+copied), MAE in years for age, UAR (macro recall over the classes present) for classifications.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from exvo_jax import metrics
+from exvo_jax.data import schema
+
+REGRESSION, CLASSIFICATION = "regression", "classification"
+_ACTIVATIONS = ("sigmoid", "linear", "logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One label set.
+
+  name: the target's key (model output, config, metrics prefix).
+  field: the record field holding its labels ([N, k] float or [N] float for regression, [N] int classes).
+  kind: 'regression' or 'classification'.
+  names: dimension names (regression) or class names in label order (classification).
+  activation: what the feature MLP puts on the head's output: 'sigmoid' (intensities in (0, 1)), 'linear', or
+    'logits' (classification).
+  metric: the score the task reports and selects on: 'mean_ccc', 'mae' or 'uar'.
+  submission: the submission file's columns for this target.
+  scalar: a single regression value per clip stored as [N] (age), not [N, 1].
+  submit_names: a classification's submission cell is the class name (A-VB Type), else its index (ExVo's country
+    code).
+  """
+  name: str
+  field: str
+  kind: str
+  names: tuple[str, ...]
+  activation: str
+  metric: str
+  submission: tuple[str, ...]
+  scalar: bool = False
+  submit_names: bool = True
+
+  def __post_init__(self):
+    if self.kind not in (REGRESSION, CLASSIFICATION):
+      raise ValueError(f"target {self.name}: kind {self.kind!r} is not 'regression' or 'classification'")
+    if self.activation not in _ACTIVATIONS or (self.kind == CLASSIFICATION) != (self.activation == "logits"):
+      raise ValueError(f"target {self.name}: activation {self.activation!r} does not suit a {self.kind}")
+
+  @property
+  def num_outputs(self):
+    return len(self.names)
+
+  @property
+  def higher_is_better(self):
+    return self.metric != "mae"
+
+  def activate(self, outputs):
+    """Head output [B, k] -> prediction: sigmoid, identity, or the logits; [B] for a scalar target."""
+    outputs = jax.nn.sigmoid(outputs) if self.activation == "sigmoid" else outputs
+    return outputs[..., 0] if self.scalar else outputs
+
+  def known(self, labels):
+    """[N] bool: which rows carry this target's label (all dimensions finite, or a class >= 0)."""
+    labels = jnp.asarray(labels)
+    if self.kind == CLASSIFICATION:
+      return labels >= 0
+    return jnp.isfinite(labels) if self.scalar else jnp.all(jnp.isfinite(labels), axis=-1)
+
+  def loss(self, predictions, labels):
+    """Mean squared error over the known rows and every dimension (regression), or mean softmax cross-entropy over
+    the known rows (classification), of activated predictions; 0 when no row is known."""
+    known = self.known(labels)
+    count = jnp.maximum(jnp.sum(known), 1)
+    if self.kind == CLASSIFICATION:
+      xent = optax.softmax_cross_entropy_with_integer_labels(predictions, jnp.maximum(labels, 0))
+      return jnp.sum(jnp.where(known, xent, 0.0)) / count
+    error = jnp.where(known if self.scalar else known[:, None], predictions - jnp.nan_to_num(labels), 0.0)
+    return jnp.sum(error ** 2) / (count * (1 if self.scalar else self.num_outputs))
+
+  def score(self, predictions, labels):
+    """Scores of numpy predictions on the known rows: per-dimension CCC and 'mean_ccc'; 'mae'; or 'uar' and the
+    recall of each class present ('recall_<class>')."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    known = np.asarray(self.known(labels))
+    predictions, labels = predictions[known], labels[known]
+    if self.metric == "mae":
+      return {"mae": float(metrics.mae(predictions, labels))}
+    if self.kind == CLASSIFICATION:
+      chosen = predictions.argmax(-1)
+      recalls = {f"recall_{name}": float(np.mean(chosen[labels == c] == c))
+                 for c, name in enumerate(self.names) if np.any(labels == c)}
+      return {"uar": float(metrics.uar(chosen, labels, self.num_outputs)), **recalls}
+    per = np.asarray(metrics.ccc(predictions, labels))
+    return {**{n: float(v) for n, v in zip(self.names, per)}, "mean_ccc": float(per.mean())}
+
+  def submission_values(self, prediction):
+    """One clip's activated prediction -> its submission cells (class name for a classification)."""
+    if self.kind == CLASSIFICATION:
+      chosen = int(np.argmax(prediction))
+      return [self.names[chosen] if self.submit_names else str(chosen)]
+    return [f"{float(v):.4f}" for v in np.atleast_1d(prediction)]
+
+
+def _emogator_categories():
+  from exvo_jax.data import emogator  # pylint: disable=import-outside-toplevel  (category names only)
+  return emogator.CATEGORIES
+
+
+_CATALOGUE = {
+    "emotions": lambda: Target("emotions", "emotions", REGRESSION, schema.EMOTIONS, "sigmoid", "mean_ccc",
+                               schema.EMOTIONS),
+    "age": lambda: Target("age", "age", REGRESSION, ("Age",), "linear", "mae", ("Age",), scalar=True),
+    "country": lambda: Target("country", "country", CLASSIFICATION, schema.COUNTRIES, "logits", "uar",
+                              ("Country",), submit_names=False),
+    "avb_high": lambda: Target("avb_high", "avb_high", REGRESSION, schema.EMOTIONS, "sigmoid", "mean_ccc",
+                               schema.EMOTIONS),
+    "avb_two": lambda: Target("avb_two", "avb_two", REGRESSION, schema.AVB_TWO, "sigmoid", "mean_ccc",
+                              schema.AVB_TWO),
+    "avb_culture": lambda: Target("avb_culture", "avb_culture", REGRESSION, schema.AVB_CULTURE, "sigmoid",
+                                  "mean_ccc", schema.AVB_CULTURE),
+    "avb_type": lambda: Target("avb_type", "avb_type", CLASSIFICATION, schema.AVB_TYPES, "logits", "uar",
+                               ("Voc_Type",)),
+    "category": lambda: Target("category", "category", CLASSIFICATION, _emogator_categories(), "logits", "uar",
+                               ("Category",)),
+}
+NAMES = tuple(_CATALOGUE)
+
+
+def get(name):
+  """The target called `name`; an unknown name fails with the list of known ones."""
+  if name not in _CATALOGUE:
+    raise ValueError(f"unknown target {name!r}; known targets: {', '.join(NAMES)}")
+  return _CATALOGUE[name]()
