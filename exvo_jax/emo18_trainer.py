@@ -9,14 +9,13 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
 
 from exvo_jax import loop
-from exvo_jax import metrics
 from exvo_jax import parallel
+from exvo_jax import targets
 from exvo_jax.data import pipeline
 from exvo_jax.data import schema
 from exvo_jax.models import emo18
@@ -27,38 +26,12 @@ class TrainState(train_state.TrainState):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What is predicted and how it is scored.
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """The labels a corpus offers: HUME-VB's 10 intensities (regression) or EmoGator's 30 categories."""
-  kind: str  # 'regression' or 'classification'
-  names: tuple[str, ...]
-  label_key: str  # record field: 'emotions' or 'category'
-  main_metric: str  # 'mean_ccc' or 'uar'
-
-  @property
-  def num_outputs(self):
-    return len(self.names)
-
-  def loss(self, outputs, labels):
-    if self.kind == "regression":
-      return jnp.mean((outputs - labels) ** 2)
-    return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
-
-  def score(self, predictions, labels):
-    """Per-dimension CCC and their mean (regression) or UAR (classification) of numpy predictions."""
-    if self.kind == "regression":
-      per = np.asarray(metrics.ccc(predictions, labels))
-      return {**{n: float(v) for n, v in zip(self.names, per)}, "mean_ccc": float(per.mean())}
-    return {"uar": float(metrics.uar(np.asarray(predictions).argmax(-1), labels, self.num_outputs))}
-
+# What is predicted and how it is scored: a `targets.Target`, on Emo18's linear outputs (End2You's recipe puts no
+# activation on them), so its loss takes the raw outputs.
 
 def make_target(dataset):
-  if dataset == "emogator":
-    from exvo_jax.data import emogator as emogator_lib  # category names only
-    return Target("classification", emogator_lib.CATEGORIES, "category", "uar")
-  return Target("regression", schema.EMOTIONS, "emotions", "mean_ccc")
+  """The target Emo18 trains on for `dataset`: HUME-VB's 10 intensities or EmoGator's 30 categories."""
+  return targets.get("category" if dataset == "emogator" else "emotions")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,7 +55,7 @@ class Split:
       return cls(source, np.zeros(0, str), np.zeros(0, str), np.zeros(0), np.zeros(0, bool))
     labelled = columns["labelled"].astype(bool) if "labelled" in columns else np.ones(n, bool)
     return cls(source, np.asarray(columns["file_id"]).astype(str), np.asarray(columns["speaker"]).astype(str),
-               np.asarray(columns[target.label_key]), labelled)
+               np.asarray(columns[target.field]), labelled)
 
   def batch(self, indices, options, batch_size=None):
     """A collated batch of the clips at `indices` (padded with invalid rows up to `batch_size`)."""
@@ -115,7 +88,7 @@ def make_predict_step(model):
 
 def device_batch(batch, target):
   """The fields of a collated batch that the train step takes."""
-  return {"audio": batch["audio"], "length": batch["length"], "labels": batch[target.label_key]}
+  return {"audio": batch["audio"], "length": batch["length"], "labels": batch[target.field]}
 
 
 def predict_split(predict_fn, variables, source, options, batch_size):
@@ -211,9 +184,9 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
           train.source, batch_size=settings.batch_size // processes, train=True, num_epochs=1,
           seed=settings.seed * 1000 + epoch, audio=options, shard_index=jax.process_index(),
           shard_count=processes),
-      to_device=lambda batch: device_batch(batch, target), evaluate=evaluate, best_metric=target.main_metric,
+      to_device=lambda batch: device_batch(batch, target), evaluate=evaluate, best_metric=target.metric,
       metrics_log=None if read_only else os.path.join(workdir, "metrics_log.jsonl"), record=record,
-      read_only=read_only, describe=lambda scores: f"val {target.main_metric} {scores[target.main_metric]:.4f}",
+      read_only=read_only, describe=lambda scores: f"val {target.metric} {scores[target.metric]:.4f}",
       per_item=("clips", settings.batch_size), progress_every_s=settings.log_every_s, log=log)
   schedule = loop.Schedule(total_steps=steps_per_epoch * settings.num_epochs, steps_per_epoch=steps_per_epoch,
                            eval_every=steps_per_epoch, log_every=settings.log_every)

@@ -87,7 +87,8 @@ class Target:
     if self.kind == CLASSIFICATION:
       xent = optax.softmax_cross_entropy_with_integer_labels(predictions, jnp.maximum(labels, 0))
       return jnp.sum(jnp.where(known, xent, 0.0)) / count
-    error = jnp.where(known if self.scalar else known[:, None], predictions - jnp.nan_to_num(labels), 0.0)
+    known = known if self.scalar else jnp.broadcast_to(known[:, None], labels.shape)
+    error = jnp.where(known, predictions - jnp.where(known, labels, 0.0), 0.0)  # NaN labels never reach a gradient
     return jnp.sum(error ** 2) / (count * (1 if self.scalar else self.num_outputs))
 
   def score(self, predictions, labels):

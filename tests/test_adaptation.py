@@ -11,6 +11,7 @@ from sklearn.linear_model import Ridge
 from configs import fewshot as fewshot_config
 from exvo_jax import emo18_trainer
 from exvo_jax import adaptation
+from exvo_jax import targets
 from exvo_jax.models import emo18
 from exvo_jax.tasks import fewshot
 
@@ -282,7 +283,7 @@ def test_fit_read_out_is_ridge_on_per_speaker_normalised_labelled_training_rows(
 def test_fit_read_out_for_categories_is_softmax_regression_on_normalised_rows():
   rng = np.random.default_rng(5)
   train, embeddings = _train_split(rng, num_outputs=3)
-  target = emo18_trainer.Target("classification", ("x", "y", "z"), "category", "uar")
+  target = targets.Target("category", "category", "classification", ("x", "y", "z"), "logits", "uar", ("C",))
   head = fewshot.fit_read_out(target, {"train": train}, embeddings, 1.0)
   rows = train.labelled
   normalised = _z_score_per_speaker(embeddings[rows], train.speaker[rows])

@@ -1,5 +1,6 @@
 """Tests of exvo_jax/targets.py against numpy / scikit-learn on hand-made labels with missing rows."""
 
+import jax
 import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
@@ -97,3 +98,14 @@ def test_activations_and_submission_cells():
   assert targets.get("avb_type").submission_values(logits) == ["Scream"]
   assert targets.get("country").submission_values(np.array([0.1, 0.0, 3.0, 0.2])) == ["2"]
   assert targets.get("avb_two").submission_values(np.array([0.25, 0.123456])) == ["0.2500", "0.1235"]
+
+
+def test_the_gradient_is_finite_and_zero_on_unknown_rows():
+  """d/dp of sum over known (p - y)^2 / (known rows * k) is 2 (p - y) / (known rows * k) there, 0 elsewhere, even
+  though the unknown labels are NaN."""
+  predictions = np.array([[0.2, 0.4], [0.5, 0.5], [0.9, 0.1]], np.float32)
+  labels = np.array([[0.0, 1.0], [np.nan, 0.3], [1.0, 0.0]], np.float32)
+  grad = np.asarray(jax.grad(targets.get("avb_two").loss)(predictions, labels))
+  expected = 2 * (predictions - np.nan_to_num(labels)) / (2 * 2)
+  expected[1] = 0.0
+  np.testing.assert_allclose(grad, expected, rtol=1e-6)

@@ -416,7 +416,7 @@ def run(config, workdir):
     write_submission(submission, test, predictions)
   result = {
       "dataset": data.dataset, "hidden": config.hidden, "adaptation": config.adaptation,
-      "main_metric": target.main_metric, "split": config.val_split, "num_query_clips": int(len(query)),
+      "main_metric": target.metric, "split": config.val_split, "num_query_clips": int(len(query)),
       "num_speakers": len(val_episodes), "results": results, "per_speaker_loss": per_speaker,
       "base": {"history": history}, "submission": os.path.basename(submission) if submission else None,
       "seconds": time.monotonic() - start,
