@@ -41,11 +41,20 @@ def _fmt(x):
 
 
 def write_release(root, rows, *, brackets=True, country_as="name", speaker_prefix=True, feature_dialect=",",
-                  feature_layout="per_clip", avb=True, column_order=None):
-  """Writes data_info.csv, wav/, feats/ComParE and (optionally) labels/ for `rows` into `root`."""
+                  feature_layout="per_clip", avb=True, column_order=None, layout="exvo", drop_columns=(),
+                  culture_header=None):
+  """Writes data_info.csv, wav/, feats/ComParE and (optionally) labels/ for `rows` into `root`.
+
+  layout='avb' writes the A-VB release's folders instead: audio/wav/, features/ComParE/<id>.csv (openSMILE's `;`
+  CSV, one file per clip). `drop_columns` leaves columns out of data_info.csv (an A-VB copy without Subject_ID and
+  Age); `culture_header` replaces culture_info.csv's 40 column names (the misspelled copy in circulation).
+  """
   root = pathlib.Path(root)
-  (root / "wav").mkdir(parents=True, exist_ok=True)
-  header = ["File_ID", "Subject_ID", "Split", "Age", "Country"]
+  audio_dir = root / ("audio/wav" if layout == "avb" else "wav")
+  audio_dir.mkdir(parents=True, exist_ok=True)
+  if layout == "avb":
+    feature_dialect, feature_layout = ";", "per_clip"
+  header = [h for h in ("File_ID", "Subject_ID", "Split", "Age", "Country") if h not in drop_columns]
   if country_as == "code":
     header.append("Country_string")
   header += list(schema.EMOTIONS)
@@ -66,10 +75,11 @@ def write_release(root, rows, *, brackets=True, country_as="name", speaker_prefi
       }
       writer.writerow([values[h] for h in header])
   for r in rows:
-    soundfile.write(root / "wav" / f"{r['stem']}.wav", r["audio"], schema.SAMPLE_RATE, subtype="PCM_16")
-  _write_features(root / "feats" / "ComParE", rows, feature_dialect, feature_layout)
+    soundfile.write(audio_dir / f"{r['stem']}.wav", r["audio"], schema.SAMPLE_RATE, subtype="PCM_16")
+  _write_features(root / ("features" if layout == "avb" else "feats") / "ComParE", rows, feature_dialect,
+                  feature_layout)
   if avb:
-    _write_avb(root / "labels", rows, brackets)
+    _write_avb(root / "labels", rows, brackets, culture_header or schema.AVB_CULTURE)
   return root
 
 
@@ -96,7 +106,7 @@ def _write_features(folder, rows, dialect, layout):
         writer.writerow(line(r))
 
 
-def _write_avb(folder, rows, brackets):
+def _write_avb(folder, rows, brackets, culture_header):
   folder.mkdir(parents=True, exist_ok=True)
 
   def write(name, columns, values_of):
@@ -110,5 +120,5 @@ def _write_avb(folder, rows, brackets):
 
   write("high_info.csv", schema.EMOTIONS, lambda r: [repr(float(v)) for v in r["emotions"]])
   write("two_info.csv", schema.AVB_TWO, lambda r: [repr(float(v)) for v in r["valence_arousal"]])
-  write("culture_info.csv", schema.AVB_CULTURE, lambda r: [repr(float(v)) for v in r["culture"]])
+  write("culture_info.csv", culture_header, lambda r: [repr(float(v)) for v in r["culture"]])
   write("type_info.csv", ("Voc_Type",), lambda r: [r["voc_type"]])

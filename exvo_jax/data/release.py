@@ -184,11 +184,15 @@ def read_release(root, *, strict=False, report=None):
                       f"{header}; data_info.csv needs File_ID and Split (named as in the release)")
   header_keys = [_key(h) for h in header]
   emotion_cols = {e: header_keys.index(_key(e)) for e in schema.EMOTIONS if _key(e) in header_keys}
+  avb_layout = (root / "audio" / "wav").is_dir()  # the A-VB release's folders (ExVo's has wav/)
   for name, what in (("speaker", "Subject_ID"), ("age", "Age"), ("country", "Country")):
     if name not in columns:
+      # Some A-VB copies of data_info.csv have no Subject_ID or Age: a fact of that layout, not a fault.
+      optional_here = avb_layout and name in ("speaker", "age")
       report.add("missing_column", info_path, 1,
                  f"column {what} is missing; its values are treated as unknown for every clip "
-                 "(add the column from the release to use them)", "repaired")
+                 + ("(this A-VB copy has none; tasks that need them need the ExVo data_info.csv)" if optional_here
+                    else "(add the column from the release to use them)"), "noted" if optional_here else "repaired")
   missing_emotions = [e for e in schema.EMOTIONS if e not in emotion_cols]
   if missing_emotions:
     report.add("missing_column", info_path, 1,
@@ -196,7 +200,7 @@ def read_release(root, *, strict=False, report=None):
                "every clip (use the release's data_info.csv with all ten emotion columns)", "repaired")
 
   audio_dir = _audio_dir(root)
-  clips, seen = [], {}
+  clips, seen, listed = [], {}, set()
   for line, row in enumerate(rows, start=2):
     if not any(cell.strip() for cell in row):
       continue  # blank line
@@ -204,6 +208,7 @@ def read_release(root, *, strict=False, report=None):
       i = columns.get(name)
       return row[i] if i is not None and i < len(row) else ""
     file_id = cell("file_id").strip()
+    listed.add(clip_stem(file_id))
     split = cell("split").strip().capitalize()
     if not file_id:
       report.add("bad_row", info_path, line, "File_ID is empty; fill it in or delete the row", "skipped")
@@ -273,7 +278,7 @@ def read_release(root, *, strict=False, report=None):
                       age=float(age), country=country, emotions=emotions,
                       audio_path=os.fspath(audio_dir / f"{stem}.wav"), row=line))
 
-  has_avb = _attach_avb_labels(root, clips, report)
+  has_avb = _attach_avb_labels(root, clips, listed, report)
   if not clips:
     raise CorpusError(f"{info_path}: no usable rows; see the build report:\n{report.summary()}")
   return Release(root=root, clips=clips, report=report, has_avb=has_avb)
@@ -311,8 +316,13 @@ _AVB_FILES = {
 }
 
 
-def _attach_avb_labels(root, clips, report):
-  """Reads labels/*_info.csv when present and fills the clips' A-VB fields. Returns True if any was read."""
+def _attach_avb_labels(root, clips, listed, report):
+  """Reads labels/*_info.csv when present and fills the clips' A-VB fields. Returns True if any was read.
+
+  A problem with one task's label (an unknown type, some but not all of a row's values, a missing column) leaves
+  the clip out of that task only; it keeps its other labels. `listed`: the stems data_info.csv lists, so that a
+  label row for a clip data_info.csv does not know is reported (one skipped there is reported there already).
+  """
   labels_dir = root / "labels"
   if not labels_dir.is_dir():
     return False
@@ -335,8 +345,13 @@ def _attach_avb_labels(root, clips, report):
     for line, row in enumerate(rows, start=2):
       if not any(cell.strip() for cell in row):
         continue
-      clip = by_stem.get(clip_stem(row[id_col]))
+      stem = clip_stem(row[id_col])
+      clip = by_stem.get(stem)
       if clip is None:
+        if stem not in listed:
+          report.add("unknown_id", path, line, f"File_ID {row[id_col].strip()} is not in data_info.csv; its "
+                     f"{task} labels are not used (use the label files and data_info.csv of one release)",
+                     "skipped")
         continue  # rows of clips skipped in data_info.csv are already reported there
       values = [row[i].strip() if i < len(row) else "" for i in cols]
       if task == "type":
@@ -357,6 +372,12 @@ def _attach_avb_labels(root, clips, report):
         continue
       if np.all(array == -1):
         continue  # the A-VB convention for hidden test labels
+      if np.isnan(array).any():
+        if not np.isnan(array).all():
+          empty = [n for n, v in zip(names, array) if np.isnan(v)]
+          report.add("bad_label", path, line, f"A-VB {task} label(s) {', '.join(empty)} empty; the clip is left "
+                     f"out of {task} (fill in all {len(names)} values or none)", "repaired")
+        continue
       if np.any(array < 0) or np.any(array > 1):
         report.add("label_range", path, line, f"A-VB {task} labels fall outside [0, 1]; clipped to [0, 1]",
                    "repaired")

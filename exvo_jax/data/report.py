@@ -22,7 +22,8 @@ class Problem:
     file: path of the offending file (the CSV for row problems, the audio file for audio problems).
     row: 1-based line number in `file` (the header is line 1), or None when the problem is not a row's.
     message: what is wrong and what to do about it.
-    action: what the build did: 'skipped', 'repaired', 'converted' or 'failed'.
+    action: what the build did: 'skipped', 'repaired', 'converted', 'noted' (a fact of
+      the layout, not a fault) or 'failed'.
   """
   kind: str
   file: str
@@ -35,8 +36,9 @@ class Problem:
     return f"{where}: {self.message} [{self.action}]"
 
 
-# Conversions are reported for transparency but are not failures, even under `strict`.
-_INFORMATIONAL = ("converted",)
+# Conversions, and facts of a layout that are noted (an A-VB data_info.csv without Subject_ID), are reported for
+# transparency but are not failures, even under `strict`.
+_INFORMATIONAL = ("converted", "noted")
 
 
 @dataclasses.dataclass
