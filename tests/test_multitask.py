@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,6 +45,28 @@ def test_losses_ignore_unknown_age_and_country():
   s = jnp.array([0.1, -0.2, 0.3])
   by_hand = sum(0.5 * np.exp(-2 * si) * li + si for si, li in zip(np.array(s), [0.25, 4.0, expected_xent]))
   assert float(multitask.total_loss(parts, s)) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_a_targets_objective_weights_each_targets_own_masked_loss():
+  """Any target list trains on the MLP: A-VB Two (sigmoid) and Type (logits) with weights 2 and 0.5; the loss is
+  2 MSE over the rows with both values + 0.5 cross-entropy over the rows with a type, written out in numpy."""
+  objective = multitask.targets_objective(("avb_two", "avb_type"), None, "uar", weights=(2.0, 0.5))
+  assert objective.label_keys == ("avb_two", "avb_type")
+  features = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+  variables = objective.model.init(jax.random.key(0), features)
+  outputs = objective.model.apply(variables, features)
+  two, logits = np.asarray(outputs["avb_two"], np.float64), np.asarray(outputs["avb_type"], np.float64)
+  assert two.shape == (4, 2) and ((two > 0) & (two < 1)).all() and logits.shape == (4, 8)
+  labels_two = np.array([[0.2, 0.8], [np.nan, 0.5], [0.6, 0.4], [0.1, 0.1]], np.float32)
+  labels_type = np.array([3, 1, -1, 7])
+  total, parts = objective.loss(outputs, {"avb_two": labels_two, "avb_type": labels_type}, {"mlp": variables})
+  rows = [0, 2, 3]
+  mse = np.mean((two[rows] - labels_two[rows]) ** 2)
+  log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  xent = -np.mean(log_softmax[[0, 1, 3], labels_type[[0, 1, 3]]])
+  assert float(parts["avb_two"]) == pytest.approx(mse, rel=1e-5)
+  assert float(parts["avb_type"]) == pytest.approx(xent, rel=1e-5)
+  assert float(total) == pytest.approx(2.0 * mse + 0.5 * xent, rel=1e-5)
 
 
 def test_table2_variants_and_sweep():

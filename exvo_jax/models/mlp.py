@@ -3,7 +3,8 @@
 import flax.linen as nn
 import jax
 
-# (name, outputs, kind): kind 'sigmoid' -> intensities in (0, 1); 'scalar' -> [B] linear; 'logits' -> [B, k].
+# (name, outputs, kind): kind 'sigmoid' -> intensities in (0, 1); 'scalar' -> [B] linear; 'linear' or 'logits' ->
+# [B, k] as they are. exvo_jax/tasks/multitask.py builds the heads from targets (exvo_jax/targets.py).
 EXVO_HEADS = (("emotions", 10, "sigmoid"), ("age", 1, "scalar"), ("country", 4, "logits"))
 
 

@@ -25,6 +25,7 @@ from exvo_jax import metrics
 from exvo_jax import parallel
 from exvo_jax import runtime
 from exvo_jax import stages
+from exvo_jax import targets
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
@@ -89,24 +90,21 @@ def standardiser(train_features):
 # ---------------------------------------------------------------------------------------------------------------
 # Steps.
 
-def losses(outputs, batch):
-  """Per-task losses on a batch, ignoring unknown ages (NaN) and countries (-1)."""
-  emotion = jnp.mean((outputs["emotions"] - batch["emotions"]) ** 2)
-  age_known = jnp.isfinite(batch["age"])
-  age_error = jnp.where(age_known, outputs["age"] - jnp.nan_to_num(batch["age"]), 0.0)
-  age = jnp.sum(age_error ** 2) / jnp.maximum(age_known.sum(), 1)
-  country_known = batch["country"] >= 0
-  xent = optax.softmax_cross_entropy_with_integer_labels(outputs["country"], jnp.maximum(batch["country"], 0))
-  country = jnp.sum(jnp.where(country_known, xent, 0.0)) / jnp.maximum(country_known.sum(), 1)
-  return {"emotions": emotion, "age": age, "country": country}
+EXVO_TARGETS = ("emotions", "age", "country")
 
 
-def total_loss(parts, log_sigma=None):
-  """Sum of the task losses, or Kendall et al.'s uncertainty weighting sum_i exp(-2 s_i) L_i / 2 + s_i."""
-  stacked = jnp.stack([parts["emotions"], parts["age"], parts["country"]])
-  if log_sigma is None:
-    return stacked.sum()
-  return jnp.sum(0.5 * jnp.exp(-2.0 * log_sigma) * stacked + log_sigma)
+def losses(outputs, batch, names=EXVO_TARGETS):
+  """Per-target losses on a batch ({name: scalar}); unknown labels (NaN ages, country -1) are left out."""
+  return {name: targets.get(name).loss(outputs[name], batch[targets.get(name).field]) for name in names}
+
+
+def total_loss(parts, log_sigma=None, weights=None):
+  """Weighted sum of the target losses (weights default to 1), or Kendall et al.'s uncertainty weighting
+  sum_i exp(-2 s_i) L_i / 2 + s_i; targets in the order of `parts`."""
+  stacked = jnp.stack(list(parts.values()))
+  if log_sigma is not None:
+    return jnp.sum(0.5 * jnp.exp(-2.0 * log_sigma) * stacked + log_sigma)
+  return stacked.sum() if weights is None else jnp.sum(jnp.asarray(weights, stacked.dtype) * stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,30 +127,37 @@ class Objective:
   extra_params: dict = dataclasses.field(default_factory=dict)
 
 
+def _head(target):
+  """The MLP head of a target: (name, outputs, 'sigmoid' | 'scalar' | 'linear' | 'logits')."""
+  kind = "scalar" if target.scalar else target.activation
+  return target.name, target.num_outputs, kind
+
+
+def targets_objective(names, score_fn, select, *, weights=None, uncertainty=False, age_bias=0.0):
+  """One head per target on the shared trunk; the loss is the weighted (or uncertainty-weighted) sum of the
+  targets' own losses. `score_fn` and `select` say how a run is scored and which metric picks its best epoch."""
+  chosen = [targets.get(n) for n in names]
+  model = mlp.MultiTaskMLP(heads=tuple(_head(t) for t in chosen), age_bias_init=age_bias)
+
+  def loss(outputs, batch, params):
+    parts = losses(outputs, batch, names)
+    return total_loss(parts, params["log_sigma"] if uncertainty else None, weights), parts
+
+  extra = {"log_sigma": np.full((len(names),), -0.33, np.float32)} if uncertainty else {}
+  return Objective(model, tuple(t.field for t in chosen), loss, score_fn, select, extra)
+
+
 def exvo_objective(config, train):
   """The ExVo-MultiTask objective: emotions + age + country, selected on S_MTL."""
-  model = mlp.MultiTaskMLP(age_bias_init=float(np.nanmean(train.age)) if config.age_bias_at_mean else 0.0)
-
-  def loss(outputs, batch, params):
-    parts = losses(outputs, batch)
-    return total_loss(parts, params["log_sigma"] if config.uncertainty_weighting else None), parts
-
-  extra = {"log_sigma": np.full((3,), -0.33, np.float32)} if config.uncertainty_weighting else {}
-  return Objective(model, ("emotions", "age", "country"), loss, score, "s_mtl", extra)
+  return targets_objective(EXVO_TARGETS, score, "s_mtl", uncertainty=config.uncertainty_weighting,
+                           age_bias=float(np.nanmean(train.age)) if config.age_bias_at_mean else 0.0)
 
 
-def category_objective(num_categories):
-  """One categorical head (e.g. EmoGator's 30 categories) on the same trunk, selected on UAR."""
-  model = mlp.MultiTaskMLP(heads=(("category", num_categories, "logits"),))
-
-  def loss(outputs, batch, params):
-    xent = optax.softmax_cross_entropy_with_integer_labels(outputs["category"], batch["category"]).mean()
-    return xent, {"category": xent}
-
-  def score_categories(predictions, table):
-    return {"uar": float(metrics.uar(predictions["category"].argmax(-1), table.category, num_categories))}
-
-  return Objective(model, ("category",), loss, score_categories, "uar")
+def category_objective():
+  """EmoGator's categories on the same trunk, selected on UAR."""
+  category = targets.get("category")
+  return targets_objective(("category",), lambda predictions, table: category.score(
+      predictions["category"], table.category), "uar")
 
 
 def make_train_step(objective):
@@ -402,7 +407,7 @@ def run_categories(config, workdir, root):
   num_categories = len(emogator_lib.CATEGORIES)
   print(f"categories on {'+'.join(config.features.sets)} ({tables['train'].features.shape[1]} dims): "
         f"{len(tables['train'])} train, {len(tables['validation'])} val clips, {num_categories} categories")
-  runs = _train_seeds(config, category_objective(num_categories), tables, workdir, mesh)
+  runs = _train_seeds(config, category_objective(), tables, workdir, mesh)
   seeds = [r[0] for r in runs]
   result = {"features": list(config.features.sets), "dims": int(tables["train"].features.shape[1]),
             "split": "validation", "seeds": seeds, **_summary(seeds, ("uar",)), "chance_uar": 1 / num_categories}
