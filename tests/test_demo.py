@@ -190,6 +190,17 @@ def test_same_seed_is_byte_identical(tmp_path, tiny):
   assert _hashes(again) == _hashes(tiny)
 
 
+def test_the_avb_layout_holds_the_same_files_with_the_audio_in_audio_wav(tmp_path, tiny):
+  avb = demo.write_demo_corpus(tmp_path / "avb", size="tiny", seed=SEED, layout="avb")
+  moved = {("audio/" + path if path.startswith("wav/") else path): digest for path, digest in _hashes(tiny).items()}
+  assert _hashes(avb) == moved and not (avb / "wav").exists()
+  clips = release.read_release(avb).clips  # the reader finds the audio there
+  assert all(pathlib.Path(c.audio_path).parent == avb / "audio" / "wav" for c in clips)
+  assert all(pathlib.Path(c.audio_path).is_file() for c in clips)
+  with pytest.raises(ValueError, match="layout is 'AVB'; expected one of exvo, avb"):
+    demo.write_demo_corpus(tmp_path / "bad", size="tiny", layout="AVB")
+
+
 def test_other_seed_differs(tmp_path, tiny):
   other = _hashes(demo.write_demo_corpus(tmp_path / "other", size="tiny", seed=SEED + 1))
   assert other != _hashes(tiny)

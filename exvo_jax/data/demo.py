@@ -4,7 +4,7 @@ HUME-VB is not public, so tests, smoke runs and tutorials use a DEMO CORPUS writ
 the release's layout (docs/hume_vb.md sections 1-2):
 
   data_info.csv            File_ID ('[01234]'), Subject_ID ('Speaker_17'), Split, Age, Country, 10 emotions
-  wav/<id>.wav             16 kHz mono 16-bit PCM
+  wav/<id>.wav             16 kHz mono 16-bit PCM (audio/wav/<id>.wav in the A-VB release's layout)
   labels/high_info.csv     A-VB High: File_ID, Split, 10 emotions           (Test rows: -1)
   labels/two_info.csv      A-VB Two: File_ID, Split, Valence, Arousal       (Test rows: -1)
   labels/culture_info.csv  A-VB Culture: File_ID, Split, 40 <Country>_<Emotion> columns (Test rows: -1)
@@ -80,6 +80,8 @@ PARALLEL_CLIPS = 4096
 # Bumped whenever the generator's output changes, so cached corpora are rebuilt.
 GENERATOR_VERSION = 2  # 2: culture_info.csv columns in the A-VB release's order
 _MARKER = ".demo_complete"
+# Where each release layout keeps the audio.
+AUDIO_DIRS = {"exvo": "wav", "avb": "audio/wav"}
 
 SR = schema.SAMPLE_RATE
 NUM_EMOTIONS = len(schema.EMOTIONS)
@@ -665,7 +667,7 @@ def _write_csv(path, header, rows):
     writer.writerows(rows)
 
 
-def write_demo_corpus(root, *, size="default", seed=0, country_as="name", processes=1):
+def write_demo_corpus(root, *, size="default", seed=0, country_as="name", processes=1, layout="exvo"):
   """Writes a synthetic corpus in the HUME-VB (+ A-VB labels) release layout under `root`.
 
   Args:
@@ -676,14 +678,18 @@ def write_demo_corpus(root, *, size="default", seed=0, country_as="name", proces
       order) in `Country` plus the name in `Country_string` (both variants exist in circulation).
     processes: worker processes rendering the clips (the files do not depend on it). Each worker holds one clip's
       audio at a time; the parent keeps only the CSV rows.
+    layout: "exvo" puts the audio in wav/ (the ExVo release), "avb" in audio/wav/ (the A-VB release); every file
+      is the same either way.
   Returns:
     `root` as a pathlib.Path.
   """
   if country_as not in ("name", "code"):
     raise ValueError(f"country_as is {country_as!r}; expected 'name' or 'code'")
+  if layout not in AUDIO_DIRS:
+    raise ValueError(f"layout is {layout!r}; expected one of {', '.join(AUDIO_DIRS)}")
   size = _resolve_size(size)
   root = pathlib.Path(root)
-  (root / "wav").mkdir(parents=True, exist_ok=True)
+  (root / AUDIO_DIRS[layout]).mkdir(parents=True, exist_ok=True)
   (root / "labels").mkdir(exist_ok=True)
 
   corpus_rng = np.random.default_rng([seed, _CORPUS_STREAM])
@@ -697,7 +703,7 @@ def write_demo_corpus(root, *, size="default", seed=0, country_as="name", proces
     for country, num_clips in zip(countries, size.speaker_clips(split)):
       index = len(jobs)
       speaker = _make_speaker(seed, index, f"Speaker_{subjects[index]}", split, int(country), num_clips)
-      jobs.append(_SpeakerJob(os.fspath(root), seed, country_as, speaker, first_clip,
+      jobs.append(_SpeakerJob(os.fspath(root / AUDIO_DIRS[layout]), seed, country_as, speaker, first_clip,
                               file_ids[first_clip:first_clip + num_clips]))
       first_clip += num_clips
   for job in jobs:
@@ -732,7 +738,7 @@ def write_demo_corpus(root, *, size="default", seed=0, country_as="name", proces
 @dataclasses.dataclass
 class _SpeakerJob:
   """One speaker's clips to render: global clip indices first_clip, first_clip + 1, ... (their random streams)."""
-  root: str
+  audio_dir: str
   seed: int
   country_as: str
   speaker: _Speaker
@@ -743,7 +749,7 @@ class _SpeakerJob:
 
 def _write_speaker(job):
   """Renders and writes one speaker's wav files; returns their CSV rows {csv name: [row, ...]} in clip order."""
-  spk, wav_dir = job.speaker, pathlib.Path(job.root) / "wav"
+  spk, wav_dir = job.speaker, pathlib.Path(job.audio_dir)
   rows = {name: [] for name in ("info", "high", "two", "culture", "type")}
   for k, dominant in enumerate(spk.dominants):
     rng = np.random.default_rng([job.seed, _CLIP_STREAM, job.first_clip + k])
@@ -779,15 +785,16 @@ def _size_name(size):
   return size
 
 
-def ensure_demo_corpus(cache_dir, *, size="default", seed=0, processes=None):
-  """Returns `<cache_dir>/demo-<size>-seed<seed>`, building it first if it is absent or incomplete.
+def ensure_demo_corpus(cache_dir, *, size="default", seed=0, processes=None, layout="exvo"):
+  """Returns `<cache_dir>/demo-<size>-seed<seed>` (with `-avb` for the A-VB layout), building it first if it is
+  absent or incomplete.
 
   The corpus is written to a temporary folder beside it and renamed into place with a completion marker (which
   records GENERATOR_VERSION), so an interrupted build, or one from an older generator, is rebuilt. Prints nothing.
   `processes` (default: the machine's cores for corpora of PARALLEL_CLIPS clips or more, else 1) render clips.
   """
   cache_dir = pathlib.Path(cache_dir)
-  target = cache_dir / f"demo-{_size_name(size)}-seed{seed}"
+  target = cache_dir / (f"demo-{_size_name(size)}-seed{seed}" + ("" if layout == "exvo" else f"-{layout}"))
   if _is_complete(target):
     return target
   cache_dir.mkdir(parents=True, exist_ok=True)
@@ -795,7 +802,7 @@ def ensure_demo_corpus(cache_dir, *, size="default", seed=0, processes=None):
   try:
     if processes is None:
       processes = cores.usable() if _resolve_size(size).num_clips >= PARALLEL_CLIPS else 1
-    write_demo_corpus(staging, size=size, seed=seed, processes=processes)
+    write_demo_corpus(staging, size=size, seed=seed, processes=processes, layout=layout)
     (staging / _MARKER).write_text(_marker_text())  # written last: its presence means the build finished
     if _is_complete(target):
       return target  # another process finished the same build meanwhile
@@ -827,9 +834,11 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--country_as", default="name", choices=("name", "code"))
   parser.add_argument("--processes", type=int, default=cores.usable(), help="worker processes")
+  parser.add_argument("--layout", default="exvo", choices=sorted(AUDIO_DIRS),
+                      help="exvo: audio in wav/; avb: audio in audio/wav/ as in the A-VB release")
   args = parser.parse_args(argv)
   root = write_demo_corpus(args.out_dir, size=args.size, seed=args.seed, country_as=args.country_as,
-                           processes=args.processes)
+                           processes=args.processes, layout=args.layout)
   print(root)
 
 
