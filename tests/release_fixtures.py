@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import soundfile
 
+from exvo_jax.data import builders
 from exvo_jax.data import schema
 
 
@@ -122,3 +123,13 @@ def _write_avb(folder, rows, brackets, culture_header):
   write("two_info.csv", schema.AVB_TWO, lambda r: [repr(float(v)) for v in r["valence_arousal"]])
   write("culture_info.csv", culture_header, lambda r: [repr(float(v)) for v in r["culture"]])
   write("type_info.csv", ("Voc_Type",), lambda r: [r["voc_type"]])
+
+
+def build(root, data_dir, strict=False):
+  """Builds the audio config of the release at `root`; returns (report dict, {stem: record} of all splits)."""
+  builder, report = builders.prepare("hume_vb", root, config="audio", data_dir=data_dir, strict=strict)
+  records = {}
+  for split in builders.TFDS_SPLITS.values():
+    for r in builders.data_source(builder, split):
+      records[r["file_id"].decode().strip("[]")] = r
+  return report, records

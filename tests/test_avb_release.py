@@ -10,7 +10,6 @@ import csv
 import numpy as np
 import pytest
 
-from exvo_jax.data import builders
 from exvo_jax.data import release
 from exvo_jax.data import report as report_lib
 from exvo_jax.data import schema
@@ -27,12 +26,8 @@ def _avb_release(tmp_path):
 
 
 def _build(root, tmp_path, strict=False):
-  builder, report = builders.prepare("hume_vb", root, config="audio", data_dir=tmp_path / "tfds", strict=strict)
-  records = {}
-  for split in builders.TFDS_SPLITS.values():
-    for r in builders.data_source(builder, split):
-      records[r["file_id"].decode().strip("[]")] = r
-  return report, records
+  """Builds the audio config; returns (report dict, {stem: record} of all splits)."""
+  return release_fixtures.build(root, tmp_path / "tfds", strict)
 
 
 def _edit(path, line, column, value):

@@ -31,12 +31,7 @@ def _edit_info(root, line, column, value):
 
 def _build(root, tmp_path, strict=False):
   """Builds the audio config; returns (report dict, {stem: record} of all splits)."""
-  builder, report = builders.prepare("hume_vb", root, config="audio", data_dir=tmp_path / "tfds", strict=strict)
-  records = {}
-  for split in builders.TFDS_SPLITS.values():
-    for r in builders.data_source(builder, split):
-      records[r["file_id"].decode().strip("[]")] = r
-  return report, records
+  return release_fixtures.build(root, tmp_path / "tfds", strict)
 
 
 def _only_problem(report, kind):
