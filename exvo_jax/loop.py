@@ -182,11 +182,9 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
     state, done, extra = parallel.replicate(trainer.init_state(), mesh), 0, {}
   else:
     done, state, extra = resumed
-    if done > total:  # its best state could come from steps this run does not have
+    if done > total:
       ckpt.close()
-      raise stages.StageMismatch(
-          f"{trainer.name}: {trainer.directory} holds step {done}, past this run's {total} steps (fewer epochs or "
-          "steps than were trained). Fix: use another --workdir, or ask for at least as many steps")
+      _stop_past_the_schedule(trainer, done, total)
     where = ""
     if schedule.steps_per_epoch:
       epoch, into = divmod(done, schedule.steps_per_epoch)
@@ -281,6 +279,13 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
   return Result(state=state, best_state=best_state, step=max(step, done), history=history, best_step=best_step)
 
 
+def _stop_past_the_schedule(trainer, done, total):
+  """A checkpoint past this run's last step: its best state could come from steps this run does not have."""
+  raise stages.StageMismatch(
+      f"{trainer.name}: {trainer.directory} holds step {done}, past this run's {total} steps (fewer epochs or "
+      "steps than were trained). Fix: use another --workdir, or ask for at least as many steps")
+
+
 def _restore_finished(trainer, schedule, abstract):
   """The finished run of a read-only trainer, restored without writing anything."""
   ckpt = checkpoint.Checkpointer(trainer.directory, max_to_keep=trainer.max_to_keep, best_metric=trainer.best_metric,
@@ -291,8 +296,7 @@ def _restore_finished(trainer, schedule, abstract):
       raise stages.StageMismatch(f"{trainer.name}: nothing trained in {trainer.directory}")
     done, state, extra = resumed
     if done > schedule.total_steps:
-      raise stages.StageMismatch(f"{trainer.name} in {trainer.directory} was trained for {done} steps, more than "
-                                 f"this run's {schedule.total_steps}; ask for as many epochs as it was trained for")
+      _stop_past_the_schedule(trainer, done, schedule.total_steps)
     if done < schedule.total_steps and not extra.get("stopped_early"):
       raise stages.StageMismatch(f"{trainer.name} in {trainer.directory} stopped at step {done} of "
                                  f"{schedule.total_steps}; finish it with its own run (same command and --workdir) "

@@ -27,7 +27,8 @@ MIN_FREE_BYTES = 200 * 2**20
 
 
 class Preempted(Exception):
-  """Raised by a training loop after it saved a checkpoint because SIGTERM arrived."""
+  """SIGTERM arrived: raised by the training loop after it saved a checkpoint, or by a long pass (`Preemption.check`)
+  at its next unit of work; `main` prints what was kept and exits 0."""
 
 
 class NonFiniteLoss(FloatingPointError):

@@ -95,7 +95,8 @@ EXVO_TARGETS = ("emotions", "age", "country")
 
 def losses(outputs, batch, names=EXVO_TARGETS):
   """Per-target losses on a batch ({name: scalar}); unknown labels (NaN ages, country -1) are left out."""
-  return {name: targets.get(name).loss(outputs[name], batch[targets.get(name).field]) for name in names}
+  chosen = [targets.get(name) for name in names]
+  return {t.name: t.loss(outputs[t.name], batch[t.field]) for t in chosen}
 
 
 def total_loss(parts, log_sigma=None, weights=None):
