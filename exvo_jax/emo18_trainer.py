@@ -33,6 +33,9 @@ def make_target(dataset):
   """The target Emo18 trains on for `dataset`: HUME-VB's 10 intensities or EmoGator's 30 categories."""
   return targets.get("category" if dataset == "emogator" else "emotions")
 
+# A `targets.Joint` serves as well: Emo18's one linear layer then has an output slice per target (one linear head
+# each) and the split's labels are the joint target's packed array.
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Clips of a split: metadata in memory, audio read from the records when a batch needs it.
@@ -43,19 +46,18 @@ class Split:
   source: Any
   file_id: np.ndarray
   speaker: np.ndarray
-  labels: np.ndarray  # [N, 10] float (NaN unlabelled) or [N] int categories
-  labelled: np.ndarray
+  labels: np.ndarray  # target.labels_of: [N, 10] float (NaN unlabelled), [N] int categories, or packed [N, W]
+  labelled: np.ndarray  # [N] bool: the row carries the target's labels (target.known)
 
   @classmethod
   def read(cls, source, target):
     """The split's metadata (no audio decoded when `source` is a built split, see `pipeline.metadata`)."""
     columns = pipeline.metadata(source)
-    n = len(source)
-    if n == 0:
+    if len(source) == 0:
       return cls(source, np.zeros(0, str), np.zeros(0, str), np.zeros(0), np.zeros(0, bool))
-    labelled = columns["labelled"].astype(bool) if "labelled" in columns else np.ones(n, bool)
+    labels = target.labels_of(columns)
     return cls(source, np.asarray(columns["file_id"]).astype(str), np.asarray(columns["speaker"]).astype(str),
-               np.asarray(columns[target.field]), labelled)
+               labels, np.asarray(target.known(labels)))
 
   def batch(self, indices, options, batch_size=None):
     """A collated batch of the clips at `indices` (padded with invalid rows up to `batch_size`)."""
@@ -88,7 +90,7 @@ def make_predict_step(model):
 
 def device_batch(batch, target):
   """The fields of a collated batch that the train step takes."""
-  return {"audio": batch["audio"], "length": batch["length"], "labels": batch[target.field]}
+  return {"audio": batch["audio"], "length": batch["length"], "labels": target.labels_of(batch)}
 
 
 def predict_split(predict_fn, variables, source, options, batch_size):
@@ -147,14 +149,15 @@ def base_directory(workdir):
 
 
 def train_base(settings, model, target, train, val, mesh, workdir, log=print, record=None, read_only=False,
-               name="base model"):
+               name="base model", describe=None):
   """Trains Emo18 on `train`, keeping the epoch with the best validation score; returns (best variables, history,
   predict_fn).
 
   `train`, `val`: `Split`s. Checkpoints go to `workdir/checkpoints/base` (resumed from there first); the training
   loop (`loop.train`) evaluates on `val` at the end of every epoch and saves mid-epoch with the iterator's position
   when SIGTERM arrives, so a resumed run continues with the very next batch. `record`: the configuration that shapes
-  this model (`stages`); `read_only`: `workdir` is another run's, whose finished model is only restored.
+  this model (`stages`); `read_only`: `workdir` is another run's, whose finished model is only restored;
+  `describe`: scores -> the text logged after an evaluation (default: the target's metric).
   """
   options = settings.audio_options()
   sample = train.batch([0], options)
@@ -186,7 +189,7 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
           shard_count=processes),
       to_device=lambda batch: device_batch(batch, target), evaluate=evaluate, best_metric=target.metric,
       metrics_log=None if read_only else os.path.join(workdir, "metrics_log.jsonl"), record=record,
-      read_only=read_only, describe=lambda scores: f"val {target.metric} {scores[target.metric]:.4f}",
+      read_only=read_only, describe=describe or (lambda scores: f"val {target.metric} {scores[target.metric]:.4f}"),
       per_item=("clips", settings.batch_size), progress_every_s=settings.log_every_s, log=log)
   schedule = loop.Schedule(total_steps=steps_per_epoch * settings.num_epochs, steps_per_epoch=steps_per_epoch,
                            eval_every=steps_per_epoch, log_every=settings.log_every)

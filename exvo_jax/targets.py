@@ -107,12 +107,99 @@ class Target:
     per = np.asarray(metrics.ccc(predictions, labels))
     return {**{n: float(v) for n, v in zip(self.names, per)}, "mean_ccc": float(per.mean())}
 
+  def labels_of(self, columns):
+    """This target's labels from a record's (or a batch's, or metadata's) columns."""
+    return np.asarray(columns[self.field])
+
   def submission_values(self, prediction):
     """One clip's activated prediction -> its submission cells (class name for a classification)."""
     if self.kind == CLASSIFICATION:
       chosen = int(np.argmax(prediction))
       return [self.names[chosen] if self.submit_names else str(chosen)]
     return [f"{float(v):.4f}" for v in np.atleast_1d(prediction)]
+
+
+class Joint:
+  """Several targets trained together on one output vector: each reads its own slice of the outputs (a single linear
+  layer of sum(k) outputs is one linear head per target) and its own columns of a packed label array.
+
+  It offers what a trainer uses of a `Target` (`num_outputs`, `labels_of`, `loss`, `score`, `metric`,
+  `higher_is_better`), so a trainer written for one target trains on several. Labels are packed into one float
+  array [N, sum of label widths] (a class index as a float, -1 unknown) so that splits index them like any array.
+
+  weights: loss weight per target (default 1 each): the joint loss is sum_i w_i L_i of the targets' own masked
+    losses. metric 'mean_score' (the best-epoch choice) is the mean of the targets' own metrics (mean CCC or UAR;
+    higher is better for all of them: a target scored by MAE cannot join).
+  """
+  metric = "mean_score"
+  higher_is_better = True
+  kind = "joint"
+
+  def __init__(self, members, weights=None):
+    self.members = tuple(members)
+    self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(self.members)
+    if len(self.weights) != len(self.members):
+      raise ValueError(f"{len(self.weights)} loss weights for {len(self.members)} targets")
+    lower = [t.name for t in self.members if not t.higher_is_better]
+    if lower:
+      raise ValueError(f"targets {', '.join(lower)} are scored lower-is-better; a joint target averages scores")
+    self.name = "+".join(t.name for t in self.members)
+    bounds = np.cumsum([0] + [t.num_outputs for t in self.members])
+    self._outputs = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    widths = [1 if t.kind == CLASSIFICATION or t.scalar else t.num_outputs for t in self.members]
+    bounds = np.cumsum([0] + widths)
+    self._labels = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+  @property
+  def num_outputs(self):
+    return self._outputs[-1].stop
+
+  def split_outputs(self, outputs):
+    """[..., sum k] -> {target name: [..., k_i]}."""
+    return {t.name: outputs[..., s] for t, s in zip(self.members, self._outputs)}
+
+  def unpack(self, packed):
+    """Packed labels [N, W] -> {target name: its labels} (class indices as int32)."""
+    result = {}
+    for t, s in zip(self.members, self._labels):
+      column = packed[..., s]
+      if t.kind == CLASSIFICATION:
+        result[t.name] = column[..., 0].astype("int32")
+      else:
+        result[t.name] = column[..., 0] if t.scalar else column
+    return result
+
+  def labels_of(self, columns):
+    """The members' labels from `columns`, packed into one float32 array [N, W]."""
+    parts = []
+    for t in self.members:
+      values = np.asarray(columns[t.field], np.float32)
+      parts.append(values.reshape(values.shape[0], -1))
+    return np.concatenate(parts, axis=1)
+
+  def known(self, packed):
+    """[N] bool: rows that carry the labels of at least one member."""
+    labels = self.unpack(packed)
+    return np.any([np.asarray(t.known(labels[t.name])) for t in self.members], axis=0)
+
+  def losses(self, outputs, packed):
+    """{target name: its masked loss} on the target's slice of the outputs."""
+    labels, outputs = self.unpack(packed), self.split_outputs(outputs)
+    return {t.name: t.loss(outputs[t.name], labels[t.name]) for t in self.members}
+
+  def loss(self, outputs, packed):
+    parts = self.losses(outputs, packed)
+    return sum(w * parts[t.name] for t, w in zip(self.members, self.weights))
+
+  def score(self, outputs, packed):
+    """Each target's scores prefixed '<name>/' and 'mean_score', the mean of the targets' metrics."""
+    labels, outputs = self.unpack(np.asarray(packed)), self.split_outputs(np.asarray(outputs))
+    result, main = {}, []
+    for t in self.members:
+      scores = t.score(outputs[t.name], labels[t.name])
+      main.append(scores[t.metric])
+      result.update({f"{t.name}/{k}": v for k, v in scores.items()})
+    return {**result, "mean_score": float(np.mean(main))}
 
 
 def _emogator_categories():

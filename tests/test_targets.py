@@ -109,3 +109,56 @@ def test_the_gradient_is_finite_and_zero_on_unknown_rows():
   expected = 2 * (predictions - np.nan_to_num(labels)) / (2 * 2)
   expected[1] = 0.0
   np.testing.assert_allclose(grad, expected, rtol=1e-6)
+
+
+def _avb_labels(rng, n):
+  """Random labels of the four A-VB tasks with unknown rows in each: {field: array}."""
+  high = rng.uniform(0, 1, (n, 10)).astype(np.float32)
+  two = rng.uniform(0, 1, (n, 2)).astype(np.float32)
+  culture = rng.uniform(0, 1, (n, 40)).astype(np.float32)
+  voc_type = rng.integers(0, 8, n).astype(np.int32)
+  high[0] = np.nan  # a hidden test row in High only
+  two[1, 0] = np.nan  # a partial Two row
+  culture[2:4] = np.nan
+  voc_type[5] = -1
+  return {"avb_high": high, "avb_two": two, "avb_culture": culture, "avb_type": voc_type}
+
+
+def test_a_joint_target_sums_its_members_losses_on_their_own_output_slices():
+  rng = np.random.default_rng(3)
+  n = 16
+  labels = _avb_labels(rng, n)
+  outputs = rng.normal(size=(n, 10 + 2 + 40 + 8)).astype(np.float32)
+  joint = targets.Joint([targets.get(f"avb_{t}") for t in ("high", "two", "culture", "type")],
+                        weights=(1.0, 2.0, 0.5, 3.0))
+  assert joint.num_outputs == 60
+  packed = joint.labels_of(labels)
+  assert packed.shape == (n, 10 + 2 + 40 + 1)
+  # Hand-computed member losses on the slices 0:10, 10:12, 12:52, 52:60, each over its own known rows.
+  mse = lambda p, y: np.mean((p[np.isfinite(y).all(1)] - y[np.isfinite(y).all(1)]) ** 2)
+  known = labels["avb_type"] >= 0
+  logits = outputs[known, 52:].astype(np.float64)
+  log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  xent = -np.mean(log_softmax[np.arange(known.sum()), labels["avb_type"][known]])
+  expected = (mse(outputs[:, :10], labels["avb_high"]) + 2 * mse(outputs[:, 10:12], labels["avb_two"])
+              + 0.5 * mse(outputs[:, 12:52], labels["avb_culture"]) + 3 * xent)
+  assert float(joint.loss(outputs, packed)) == pytest.approx(expected, rel=1e-5)
+  # Row 0 has no High label but the other three: it is known to the joint target; no row lacks all four.
+  np.testing.assert_array_equal(joint.known(packed), np.ones(n, bool))
+  # Scores: each member's own, prefixed, and mean_score the mean of the four main metrics.
+  scores = joint.score(outputs, packed)
+  keep = np.isfinite(labels["avb_two"]).all(1)
+  assert scores["avb_two/Valence"] == pytest.approx(_ccc(outputs[keep, 10].astype(np.float64),
+                                                         labels["avb_two"][keep, 0]), abs=1e-5)
+  assert scores["avb_type/uar"] == pytest.approx(
+      balanced_accuracy_score(labels["avb_type"][known], outputs[known, 52:].argmax(-1)), abs=1e-6)
+  mains = [scores["avb_high/mean_ccc"], scores["avb_two/mean_ccc"], scores["avb_culture/mean_ccc"],
+           scores["avb_type/uar"]]
+  assert scores["mean_score"] == pytest.approx(np.mean(mains))
+
+
+def test_a_joint_target_refuses_a_lower_is_better_member_and_mismatched_weights():
+  with pytest.raises(ValueError, match="age are scored lower-is-better"):
+    targets.Joint([targets.get("emotions"), targets.get("age")])
+  with pytest.raises(ValueError, match="1 loss weights for 2 targets"):
+    targets.Joint([targets.get("avb_two"), targets.get("avb_type")], weights=(1.0,))
