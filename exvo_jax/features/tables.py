@@ -10,6 +10,7 @@ import pathlib
 import numpy as np
 
 from exvo_jax.data import pipeline
+from exvo_jax.data import schema
 from exvo_jax.features import boaw as boaw_lib
 from exvo_jax.features import opensmile as opensmile_lib
 
@@ -18,7 +19,8 @@ from exvo_jax.features import opensmile as opensmile_lib
 class SplitTable:
   """One split's clips: features [N, D] float32; emotions [N, 10] (NaN unlabelled); age [N] (NaN unknown);
   country [N] int32 (-1 unknown); file_id, speaker [N] str; labelled [N] bool; category [N] int32 (corpora with
-  categorical labels such as EmoGator, else -1)."""
+  categorical labels such as EmoGator, else -1); the A-VB labels avb_high [N, 10], avb_two [N, 2], avb_culture
+  [N, 40] (NaN unknown or hidden) and avb_type [N] int32 (-1). A label field is named by its `targets.Target.field`."""
   features: np.ndarray
   emotions: np.ndarray
   age: np.ndarray
@@ -27,6 +29,16 @@ class SplitTable:
   speaker: np.ndarray
   labelled: np.ndarray
   category: np.ndarray
+  avb_high: np.ndarray = None
+  avb_two: np.ndarray = None
+  avb_culture: np.ndarray = None
+  avb_type: np.ndarray = None
+
+  def __post_init__(self):
+    n = len(self.file_id)
+    for name, width in _AVB_WIDTHS.items():  # A-VB labels not given: unknown
+      if getattr(self, name) is None:
+        setattr(self, name, np.full(n, -1, np.int32) if not width else np.full((n, width), np.nan, np.float32))
 
   def select(self, rows):
     """The table restricted to `rows` (a boolean mask or indices)."""
@@ -39,8 +51,14 @@ class SplitTable:
     """Rows as dicts, the form the grain pipelines batch."""
     return [{"features": self.features[i], "emotions": np.nan_to_num(self.emotions[i]),
              "age": np.float32(self.age[i]), "country": np.int32(self.country[i]),
-             "category": np.int32(self.category[i]), "file_id": self.file_id[i], "speaker": self.speaker[i]}
+             "category": np.int32(self.category[i]), "file_id": self.file_id[i], "speaker": self.speaker[i],
+             **{name: getattr(self, name)[i] for name in _AVB_WIDTHS}}
             for i in range(len(self))]
+
+
+# A-VB label fields and their widths (0: a class index); records without them (EmoGator) read as unknown.
+_AVB_WIDTHS = {"avb_high": len(schema.EMOTIONS), "avb_two": len(schema.AVB_TWO),
+               "avb_culture": len(schema.AVB_CULTURE), "avb_type": 0}
 
 
 def _table(records, features):
@@ -54,7 +72,10 @@ def _table(records, features):
       file_id=np.array([pipeline.as_str(r["file_id"]) for r in records]),
       speaker=np.array([pipeline.as_str(r["speaker"]) for r in records]),
       labelled=np.array([bool(r.get("labelled", "category" in r)) for r in records]),
-      category=np.array([r.get("category", -1) for r in records], np.int32))
+      category=np.array([r.get("category", -1) for r in records], np.int32),
+      **{name: (np.array([r.get(name, -1) for r in records], np.int32) if not width else
+                np.array([r.get(name, np.full(width, np.nan)) for r in records], np.float32).reshape(-1, width))
+         for name, width in _AVB_WIDTHS.items()})
 
 
 def _stem(record):

@@ -119,6 +119,7 @@ class Objective:
     score: (predictions {head: [N, ...]}, table) -> {metric: value}.
     select: the validation metric that picks the best epoch (larger is better).
     extra_params: parameters beside the network's, e.g. learned loss weights.
+    describe: scores -> the text logged after an evaluation; None: every score.
   """
   model: mlp.MultiTaskMLP
   label_keys: tuple[str, ...]
@@ -126,6 +127,7 @@ class Objective:
   score: Callable
   select: str
   extra_params: dict = dataclasses.field(default_factory=dict)
+  describe: Callable | None = None
 
 
 def _head(target):
@@ -134,7 +136,7 @@ def _head(target):
   return target.name, target.num_outputs, kind
 
 
-def targets_objective(names, score_fn, select, *, weights=None, uncertainty=False, age_bias=0.0):
+def targets_objective(names, score_fn, select, *, weights=None, uncertainty=False, age_bias=0.0, describe=None):
   """One head per target on the shared trunk; the loss is the weighted (or uncertainty-weighted) sum of the
   targets' own losses. `score_fn` and `select` say how a run is scored and which metric picks its best epoch."""
   chosen = [targets.get(n) for n in names]
@@ -145,7 +147,7 @@ def targets_objective(names, score_fn, select, *, weights=None, uncertainty=Fals
     return total_loss(parts, params["log_sigma"] if uncertainty else None, weights), parts
 
   extra = {"log_sigma": np.full((len(names),), -0.33, np.float32)} if uncertainty else {}
-  return Objective(model, tuple(t.field for t in chosen), loss, score_fn, select, extra)
+  return Objective(model, tuple(t.field for t in chosen), loss, score_fn, select, extra, describe)
 
 
 def exvo_objective(config, train):
@@ -253,7 +255,7 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
       to_device=lambda batch: {k: batch[k] for k in keys},
       evaluate=lambda state: objective.score(predict(predict_fn, state.params, tables["validation"], eval_batch),
                                              tables["validation"]),
-      best_metric=objective.select, per_item=("clips", config.batch_size), progress_every_s=config.log_every_s,
+      best_metric=objective.select, describe=objective.describe, per_item=("clips", config.batch_size), progress_every_s=config.log_every_s,
       log=log)
   # These steps take well under a millisecond: the loss is read back (and SIGTERM agreed) every 50 steps.
   schedule = loop.Schedule(total_steps=steps_per_epoch * config.num_epochs, steps_per_epoch=steps_per_epoch,
@@ -305,7 +307,7 @@ def _summary(seeds, keys):
           "std": {k: float(v.std()) for k, v in values.items()}}
 
 
-def _train_seeds(config, objective, tables, workdir, mesh):
+def train_seeds(config, objective, tables, workdir, mesh):
   """`config.num_seeds` runs; returns [(seed result, params, predict_fn)]."""
   runs = []
   for k in range(config.num_seeds):
@@ -316,7 +318,7 @@ def _train_seeds(config, objective, tables, workdir, mesh):
   return runs
 
 
-def _prepare(config, workdir, tables):
+def prepare_tables(config, workdir, tables):
   """Standardises every split once with training statistics (saved with the run) and makes the mesh.
 
   Returns (standardised tables, mesh); an indivisible batch size fails here with a clear message.
@@ -336,11 +338,15 @@ def _prepare(config, workdir, tables):
 FEATURE_SETS = ("compare", "egemaps", "boaw", "deepspectrum")
 
 
+# Keys of a config that shape one seed's MLP, when the config has them (MultiTask's; A-VB adds its tasks and weights).
+SEED_RECORD_KEYS = ("features", "learning_rate", "batch_size", "patience", "uncertainty_weighting",
+                    "age_bias_at_mean", "tasks", "loss_weights")
+
+
 def seed_record(config, seed):
   """The configuration that shapes the MLP of one seed."""
   return {**stages.data_record(config), "seed": seed,
-          **stages.pick(config, ("features", "learning_rate", "batch_size", "patience",
-                                 "uncertainty_weighting", "age_bias_at_mean"), exclude=("features.processes",))}
+          **stages.pick(config, [k for k in SEED_RECORD_KEYS if k in config], exclude=("features.processes",))}
 
 
 def checkpointed_stages(config, workdir):
@@ -349,11 +355,16 @@ def checkpointed_stages(config, workdir):
           for seed in range(config.seed, config.seed + config.num_seeds)]
 
 
+def check_features(config, allowed=FEATURE_SETS):
+  """The feature sets are among `allowed`, and there is at least one."""
+  config_check.subset(config, "features.sets", allowed)
+  if not config.features.sets:
+    raise config_check.ConfigError(f"--config.features.sets is empty; choose from {', '.join(allowed)}")
+
+
 def check_config(config):
   """Fails before any work on a value outside its choices."""
-  config_check.subset(config, "features.sets", FEATURE_SETS)
-  if not config.features.sets:
-    raise config_check.ConfigError(f"--config.features.sets is empty; choose from {', '.join(FEATURE_SETS)}")
+  check_features(config)
   if config.data.dataset == "emogator":
     config_check.subset(config, "features.sets", ("compare", "egemaps"))
 
@@ -361,17 +372,17 @@ def check_config(config):
 def run(config, workdir):
   """Trains `config.num_seeds` MLPs; writes metrics.json (and the ExVo-Multi submission for HUME-VB)."""
   data = config.data
-  root = corpus.locate(data.root, dataset=data.dataset, demo_size=data.demo_size, demo_seed=data.demo_seed)
+  root = corpus.of_config(data)
   if data.dataset == "emogator":
     return run_categories(config, workdir, root)
   tables = load_tables(config, root, workdir)
   tables["train"] = tables["train"].select(tables["train"].labelled)
-  tables, mesh = _prepare(config, workdir, tables)
+  tables, mesh = prepare_tables(config, workdir, tables)
   train = tables["train"]
   dims = train.features.shape[1]
   print(f"multitask on {'+'.join(config.features.sets)} ({dims} dims): {len(train)} train, "
         f"{len(tables['validation'])} val, {len(tables['test'])} test clips, {mesh.size} device(s)")
-  runs = _train_seeds(config, exvo_objective(config, train), tables, workdir, mesh)
+  runs = train_seeds(config, exvo_objective(config, train), tables, workdir, mesh)
   seeds = [r[0] for r in runs]
   summary = _summary(seeds, SCORES)
   best = int(np.argmax([s["val"]["s_mtl"] for s in seeds]))
@@ -404,11 +415,11 @@ def run_categories(config, workdir, root):
       sources, name, feature_cache, processes=config.features.processes or None), f"{name} features")
              for name in config.features.sets]
   tables = {s: tables_lib.fuse([t[s] for t in per_set]) for s in sources}
-  tables, mesh = _prepare(config, workdir, tables)
+  tables, mesh = prepare_tables(config, workdir, tables)
   num_categories = len(emogator_lib.CATEGORIES)
   print(f"categories on {'+'.join(config.features.sets)} ({tables['train'].features.shape[1]} dims): "
         f"{len(tables['train'])} train, {len(tables['validation'])} val clips, {num_categories} categories")
-  runs = _train_seeds(config, category_objective(), tables, workdir, mesh)
+  runs = train_seeds(config, category_objective(), tables, workdir, mesh)
   seeds = [r[0] for r in runs]
   result = {"features": list(config.features.sets), "dims": int(tables["train"].features.shape[1]),
             "split": "validation", "seeds": seeds, **_summary(seeds, ("uar",)), "chance_uar": 1 / num_categories}
