@@ -53,6 +53,7 @@ def get_config():
   config.data.dataset = "hume_vb"  # or 'emogator'
   config.data.demo_size = "default"  # demo corpus size when no root is given: tiny, small, default, release
   config.data.demo_seed = 0
+  config.data.demo_layout = "exvo"  # the demo corpus's folders: exvo (wav/) or avb (audio/wav/, the A-VB release)
   config.data.tfds_dir = ""  # where built array_record files go; empty: a per-corpus folder in the cache
   config.data.strict = False  # any reported bad input fails the run instead of skipping the clip
   config.data.workers = 0  # grain worker processes

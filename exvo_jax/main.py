@@ -32,6 +32,7 @@ flags.mark_flags_as_required(["config"])
 # config.task -> its module: `check_config(config)` and `checkpointed_stages(config, workdir)` run before any work,
 # then `run(config, workdir)`. Imported when needed: JAX is not loaded before the cheap checks have passed.
 TASKS = {
+    "avb": "exvo_jax.tasks.avb",
     "describe": "exvo_jax.tasks.describe",
     "fewshot": "exvo_jax.tasks.fewshot",
     "generate": "exvo_jax.tasks.generate",
@@ -54,6 +55,7 @@ def check_config(config):
   from exvo_jax.data import demo  # pylint: disable=import-outside-toplevel
   config_check.choice(config, "data.dataset", ("hume_vb", "emogator"))
   config_check.choice(config, "data.demo_size", tuple(demo.SIZES))
+  config_check.choice(config, "data.demo_layout", tuple(demo.AUDIO_DIRS))
   task_module(config.task).check_config(config)
 
 

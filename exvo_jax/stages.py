@@ -86,8 +86,9 @@ def data_record(config) -> dict[str, Any]:
   root = data.root or os.environ.get("EXVO_DATA", "")
   if root:
     return {"data.dataset": data.dataset, "data.root": os.path.realpath(os.path.expanduser(root))}
+  layout = {"data.demo_layout": data.demo_layout} if data.demo_layout != "exvo" else {}  # older records lack it
   return {"data.dataset": data.dataset, "data.root": "", "data.demo_size": data.demo_size,
-          "data.demo_seed": data.demo_seed}
+          "data.demo_seed": data.demo_seed, **layout}
 
 
 def path_of(directory) -> str:

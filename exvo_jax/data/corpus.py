@@ -9,7 +9,7 @@ from exvo_jax.data import demo
 from exvo_jax.data.report import CorpusError
 
 
-def locate(root, *, dataset="hume_vb", demo_size="default", demo_seed=0, log=print):
+def locate(root, *, dataset="hume_vb", demo_size="default", demo_seed=0, demo_layout="exvo", log=print):
   """Returns the corpus folder for `dataset`.
 
   Args:
@@ -17,6 +17,7 @@ def locate(root, *, dataset="hume_vb", demo_size="default", demo_seed=0, log=pri
       built once in `<cache>/demo/` (the path is logged).
     dataset: 'hume_vb' or 'emogator'.
     demo_size, demo_seed: which demo corpus to build.
+    demo_layout: its folders, 'exvo' (wav/) or 'avb' (audio/wav/, as the A-VB release); the files are the same.
   """
   root = root or os.environ.get("EXVO_DATA", "")
   if root:
@@ -28,7 +29,14 @@ def locate(root, *, dataset="hume_vb", demo_size="default", demo_seed=0, log=pri
   if dataset != "hume_vb":
     raise CorpusError(f"no folder given for {dataset}; set config.data.root (or EXVO_DATA)")
   path = runtime.process_zero_first(
-      lambda: demo.ensure_demo_corpus(builders.cache_dir() / "demo", size=demo_size, seed=demo_seed), "demo corpus")
+      lambda: demo.ensure_demo_corpus(builders.cache_dir() / "demo", size=demo_size, seed=demo_seed,
+                                      layout=demo_layout), "demo corpus")
   log(f"No data configured: using the demo corpus at {path} (set config.data.root or EXVO_DATA to use the "
       "HUME-VB release)")
   return path
+
+
+def of_config(data, log=print):
+  """`locate` with a task config's `data` section (root, dataset and the demo corpus's size, seed and layout)."""
+  return locate(data.root, dataset=data.dataset, demo_size=data.demo_size, demo_seed=data.demo_seed,
+                demo_layout=data.demo_layout, log=log)

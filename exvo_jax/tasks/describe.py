@@ -60,7 +60,7 @@ def checkpointed_stages(config, workdir):  # pylint: disable=unused-argument
 def run(config, workdir):
   """Builds `config.data` and writes `<workdir>/summary.json`; returns the summary."""
   data = config.data
-  root = corpus.locate(data.root, dataset=data.dataset, demo_size=data.demo_size, demo_seed=data.demo_seed)
+  root = corpus.of_config(data)
   builder, report = builders.prepare(data.dataset, root, config="audio" if data.dataset == "hume_vb" else None,
                                      data_dir=data.tfds_dir or None, strict=data.strict)
   print(f"{data.dataset} from {root}: {report['num_problems']} reported problem(s), "

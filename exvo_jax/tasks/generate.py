@@ -312,7 +312,7 @@ def check_config(config):
 
 def run(config, workdir):
   data = config.data
-  root = corpus.locate(data.root, dataset=data.dataset, demo_size=data.demo_size, demo_seed=data.demo_seed)
+  root = corpus.of_config(data)
   builder, _ = builders.prepare(data.dataset, root, config="audio", data_dir=data.tfds_dir or None,
                                 strict=data.strict)
   target = emo18_trainer.make_target(data.dataset)

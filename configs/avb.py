@@ -1,0 +1,76 @@
+"""A-VB 2022 (Table 7 of the HUME-VB datasets paper): High, Two, Culture and Type.
+
+Variants (combine with ','):
+  :high :two :culture :type   one task (default: high)
+  :all              the four jointly: one trunk, one head per task, summed losses, best epoch on the mean of the
+                    four tasks' scores
+  :model=mlp        the organisers' feature MLP over ComParE functionals (default), 5 seeds
+  :model=emo18      End2You's end-to-end CNN-LSTM on the raw waveform: batch 8, lr 1e-4, 30 epochs, best epoch by
+                    validation
+  :egemaps          (mlp) eGeMAPS functionals instead of ComParE; :boaw=N bag-of-audio-words
+  :release          (mlp) read the features from the release's features/ (or feats/) instead of extracting them
+  :uncertainty      (mlp, with :all) learned uncertainty weighting of the task losses
+  :seeds=K          (mlp) number of seeds
+  :smoke            tiny demo corpus, eGeMAPS, 2 seeds x 2 epochs (mlp) or 1 epoch of a narrow Emo18 (for tests)
+
+With no data configured, the demo corpus is built in the A-VB release's layout (audio/wav/, labels/*_info.csv).
+"""
+
+from configs import common
+
+TASKS = ("high", "two", "culture", "type")
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, smoke=False, model="mlp", all=False, egemaps=False, boaw=0, release=False,
+                         uncertainty=False, seeds=5, **{t: False for t in TASKS})
+  config = common.get_config()
+  config.task = "avb"
+  config.data.demo_layout = "avb"
+
+  chosen = tuple(t for t in TASKS if arg[t])
+  config.tasks = TASKS if arg.all else (chosen or ("high",))
+  config.model = arg.model
+  config.loss_weights = ()  # one per task; empty: 1 each
+  config.uncertainty_weighting = arg.uncertainty
+  config.team = "exvo_jax"
+  config.submission_number = 1
+  config.log_every_s = 30.0
+  config.eval_batch_size = 256
+
+  # The feature MLP (model=mlp): the MultiTask recipe.
+  config.features = common.ml_collections.ConfigDict()
+  config.features.sets = ("egemaps",) if arg.egemaps else ("boaw",) if arg.boaw else ("compare",)
+  config.features.from_release = arg.release
+  config.features.boaw_words = arg.boaw or 500
+  config.features.boaw_kmeans_iterations = 0
+  config.features.boaw_assignments = 1
+  config.features.processes = 0
+  config.num_seeds = arg.seeds
+  config.patience = 5
+  if arg.model == "emo18":  # End2You's recipe
+    config.learning_rate = 1e-4
+    config.batch_size = 8
+    config.num_epochs = 30
+    config.eval_batch_size = 32
+  else:
+    config.learning_rate = 1e-3
+    config.batch_size = 8
+    config.num_epochs = 20
+  config.hidden = 256  # Emo18's LSTM width
+  config.num_layers = 2
+  config.max_seconds = 20.0
+
+  if arg.smoke:
+    config.data.demo_size = "tiny"
+    config.features.sets = ("egemaps",) if not (arg.boaw or arg.release) else config.features.sets
+    config.num_seeds = 2
+    config.num_epochs = 2 if arg.model == "mlp" else 1
+    config.hidden = 32
+    config.num_layers = 1
+  return config
+
+
+def get_sweep():
+  """The cells of Table 7, as config arguments (launch/avb_table7.sh runs them)."""
+  return [f"{task},model={model}" for model in ("mlp", "emo18") for task in TASKS]
