@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import pathlib
+import subprocess
 
 import numpy as np
 import pytest
@@ -185,3 +186,14 @@ def test_table7_has_a_row_per_model_with_dev_and_test_columns(tmp_path):
   assert lines[3] == "| Emo18 (End2You recipe) | 0.500 | - | 0.450 | - | 0.400 | - | 0.300 | - |"
   assert lines[5] == "| organisers: End2You (Emo18) (published) | - | 0.569 | - | 0.508 | - | 0.440 | - | 0.417 |"
   assert "not finished" in lines[6] and "unfinished" in lines[6]
+
+
+def test_the_table7_launch_script_runs_its_cells_and_prints_the_table(tmp_path):
+  env = smoke.main_env(devices=1, env={"WORKDIR": str(tmp_path), "CELLS": "smoke,high smoke,type,seeds=1"})
+  done = subprocess.run(["bash", "launch/avb_table7.sh"], cwd=smoke.REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  high = json.loads((tmp_path / "smoke_high" / "metrics.json").read_text())["val_scores"]["high"]
+  voc_type = json.loads((tmp_path / "smoke_type_seeds_1" / "metrics.json").read_text())["val_scores"]["type"]
+  assert f"| MLP on egemaps | {high:.3f} | - | - | - | - | - | {voc_type:.3f} | - |" in done.stdout
+  assert "| organisers: ComParE + MLP (published) | - | 0.521 | - | 0.499 | - | 0.380 | - | 0.384 |" in done.stdout
