@@ -16,7 +16,7 @@ What is measured, all in one run so that the ratios compare like with like:
    steady-state throughput; it is labelled as an estimate in the output.
 
 2. MLP train step: steps/s of one Adam step (lr 1e-3) of `exvo_jax.models.mlp.MultiTaskMLP` with the task's loss
-   (`multitask.losses` + `multitask.total_loss`: MSE emotions + MSE age + cross-entropy country, summed), as a
+   (`mlp_trainer.losses` + `mlp_trainer.total_loss`: MSE emotions + MSE age + cross-entropy country, summed), as a
    plain single-device `jax.jit` with the train state donated, against the same network written here in PyTorch
    and trained with the standard eager loop (zero_grad / backward / torch.optim.Adam.step). Both start from the
    same weights (the Flax initialisation, copied into the torch modules) and train on the same fixed random batch,
@@ -179,6 +179,7 @@ def make_jax(dim, seed=0):
   import jax.numpy as jnp
   import optax
   from flax.training import train_state
+  from exvo_jax import mlp_trainer
   from exvo_jax.models import mlp
   from exvo_jax.tasks import multitask
 
@@ -192,7 +193,8 @@ def make_jax(dim, seed=0):
 
   def train_step(state, batch):
     def loss_fn(p):
-      return multitask.total_loss(multitask.losses(model.apply({"params": p}, batch["features"]), batch))
+      outputs = model.apply({"params": p}, batch["features"])
+      return mlp_trainer.total_loss(mlp_trainer.losses(outputs, batch, multitask.EXVO_TARGETS))
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return state.apply_gradients(grads=grads), loss
 

@@ -22,6 +22,7 @@ from configs import multitask as multitask_config
 from exvo_jax import emo18_trainer
 from exvo_jax import gan as gan_lib
 from exvo_jax import loop
+from exvo_jax import mlp_trainer
 from exvo_jax import parallel
 from exvo_jax import runtime
 from exvo_jax import stages
@@ -70,7 +71,7 @@ def run_multitask(workdir, splits):
   tables = _random_tables()
   objective = multitask.exvo_objective(config, tables["train"])
   mesh = parallel.make_mesh(2)
-  params, _, result = multitask.train_seed(config, objective, tables, 0, str(workdir), mesh, log=_quiet)
+  params, _, result = mlp_trainer.train_seed(config, objective, tables, 0, str(workdir), mesh, log=_quiet)
   return params, result["history"]
 
 

@@ -15,6 +15,7 @@ import scipy.stats
 import release_fixtures
 import smoke
 from configs import multitask as multitask_config
+from exvo_jax import mlp_trainer
 from exvo_jax import parallel
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
@@ -36,21 +37,21 @@ def test_losses_ignore_unknown_age_and_country():
   outputs = {"emotions": jnp.full((2, 10), 0.5), "age": jnp.array([30.0, 50.0]),
              "country": jnp.array([[5.0, 0, 0, 0], [0, 5.0, 0, 0]])}
   batch = {"emotions": jnp.zeros((2, 10)), "age": jnp.array([32.0, jnp.nan]), "country": jnp.array([0, -1])}
-  parts = multitask.losses(outputs, batch)
+  parts = mlp_trainer.losses(outputs, batch, multitask.EXVO_TARGETS)
   assert float(parts["emotions"]) == pytest.approx(0.25)
   assert float(parts["age"]) == pytest.approx(4.0)  # only the known age counts
   expected_xent = -np.log(np.exp(5) / (np.exp(5) + 3))
   assert float(parts["country"]) == pytest.approx(expected_xent, rel=1e-5)
-  assert float(multitask.total_loss(parts)) == pytest.approx(0.25 + 4.0 + expected_xent, rel=1e-5)
+  assert float(mlp_trainer.total_loss(parts)) == pytest.approx(0.25 + 4.0 + expected_xent, rel=1e-5)
   s = jnp.array([0.1, -0.2, 0.3])
   by_hand = sum(0.5 * np.exp(-2 * si) * li + si for si, li in zip(np.array(s), [0.25, 4.0, expected_xent]))
-  assert float(multitask.total_loss(parts, s)) == pytest.approx(by_hand, rel=1e-5)
+  assert float(mlp_trainer.total_loss(parts, s)) == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_a_targets_objective_weights_each_targets_own_masked_loss():
   """Any target list trains on the MLP: A-VB Two (sigmoid) and Type (logits) with weights 2 and 0.5; the loss is
   2 MSE over the rows with both values + 0.5 cross-entropy over the rows with a type, written out in numpy."""
-  objective = multitask.targets_objective(("avb_two", "avb_type"), None, "uar", weights=(2.0, 0.5))
+  objective = mlp_trainer.targets_objective(("avb_two", "avb_type"), None, "uar", weights=(2.0, 0.5))
   assert objective.label_keys == ("avb_two", "avb_type")
   features = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
   variables = objective.model.init(jax.random.key(0), features)
@@ -166,7 +167,7 @@ def test_early_stopping_returns_the_best_epoch_params_and_their_scores(tmp_path)
   tables = _random_tables()
   objective = multitask.exvo_objective(config, tables["train"])
   mesh = parallel.make_mesh(2)
-  params, predict_fn, result = multitask.train_seed(config, objective, tables, 0, str(tmp_path), mesh,
+  params, predict_fn, result = mlp_trainer.train_seed(config, objective, tables, 0, str(tmp_path), mesh,
                                                     log=lambda *_: None)
   history = result["history"]
   s_mtl = [h["s_mtl"] for h in history]
@@ -175,7 +176,7 @@ def test_early_stopping_returns_the_best_epoch_params_and_their_scores(tmp_path)
   # Stopped by patience: the evaluation after the best was the last, unless the best came at the very end.
   assert len(history) == min(best + 2, 12)
   assert result["val"]["s_mtl"] == s_mtl[best]
-  scores = multitask.score(multitask.predict(predict_fn, params, tables["validation"], 8), tables["validation"])
+  scores = multitask.score(mlp_trainer.predict(predict_fn, params, tables["validation"], 8), tables["validation"])
   for key in multitask.SCORES:
     assert scores[key] == pytest.approx(result["val"][key], abs=1e-6), key
 
@@ -189,7 +190,7 @@ def test_uncertainty_weighting_learns_a_larger_sigma_for_the_larger_loss(tmp_pat
   tables = _random_tables()
   objective = multitask.exvo_objective(config, tables["train"])
   assert objective.extra_params["log_sigma"].tolist() == pytest.approx([-0.33] * 3)
-  params, _, _ = multitask.train_seed(config, objective, tables, 0, str(tmp_path), parallel.make_mesh(1),
+  params, _, _ = mlp_trainer.train_seed(config, objective, tables, 0, str(tmp_path), parallel.make_mesh(1),
                                       log=lambda *_: None)
   emotions, age, _ = np.asarray(params["log_sigma"])
   assert age > -0.33 > emotions
@@ -211,8 +212,8 @@ def test_release_variant_reads_the_features_shipped_with_the_release(tmp_path):
   root = release_fixtures.write_release(tmp_path / "release", rows)
   config = multitask_config.get_config("smoke,release")
   config.data.root, config.data.tfds_dir, config.log_every_s = str(root), str(tmp_path / "tfds"), 1e9
-  tables = multitask.load_tables(config, root, str(tmp_path), log=lambda *_: None)
-  for split, name in zip(multitask.SPLITS, schema.SPLITS):
+  tables = mlp_trainer.load_tables(config, root, str(tmp_path), log=lambda *_: None)
+  for split, name in zip(mlp_trainer.SPLITS, schema.SPLITS):
     expected = {r["stem"]: r for r in rows if r["split"] == name}
     table = tables[split]
     stems = [f.strip("[]") for f in table.file_id]

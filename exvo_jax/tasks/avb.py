@@ -31,6 +31,7 @@ import numpy as np
 
 from exvo_jax import config_check
 from exvo_jax import emo18_trainer
+from exvo_jax import mlp_trainer
 from exvo_jax import parallel
 from exvo_jax import stages
 from exvo_jax import targets
@@ -38,7 +39,6 @@ from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
 from exvo_jax.models import emo18
-from exvo_jax.tasks import multitask
 
 # Task name -> (target, title in file names and tables).
 TASKS = {"high": ("avb_high", "High"), "two": ("avb_two", "Two"), "culture": ("avb_culture", "Culture"),
@@ -85,7 +85,7 @@ def check_config(config):
   if config.uncertainty_weighting and (config.model != "mlp" or config.loss_weights):
     raise config_check.ConfigError("--config.uncertainty_weighting=True needs model=mlp and no loss_weights")
   if config.model == "mlp":
-    multitask.check_features(config, FEATURE_SETS)
+    mlp_trainer.check_features(config, FEATURE_SETS)
 
 
 def emo18_record(config):
@@ -98,7 +98,7 @@ def emo18_record(config):
 
 def checkpointed_stages(config, workdir):
   if config.model == "mlp":
-    return multitask.checkpointed_stages(config, workdir)
+    return mlp_trainer.checkpointed_stages(config, workdir)
   return [stages.Stage("Emo18", emo18_trainer.base_directory(workdir), emo18_record(config))]
 
 
@@ -184,24 +184,24 @@ class Trained:
 
 def run_mlp(config, workdir, root, joint):
   """`num_seeds` feature MLPs on the clips with a label for at least one of the tasks."""
-  tables = multitask.load_tables(config, root, workdir)
+  tables = mlp_trainer.load_tables(config, root, workdir)
   train = tables["train"]
   tables["train"] = train.select(np.asarray(joint.known(_table_labels(joint, train))))
-  tables, mesh = multitask.prepare_tables(config, workdir, tables)
+  tables, mesh = mlp_trainer.prepare_tables(config, workdir, tables)
   train, val, test = (tables[s] for s in SPLITS)
   print(f"A-VB {'+'.join(config.tasks)} with the MLP on {'+'.join(config.features.sets)} "
         f"({train.features.shape[1]} dims): {len(train)} train, {len(val)} val, {len(test)} test clips, "
         f"{mesh.size} device(s)")
-  objective = multitask.targets_objective(
+  objective = mlp_trainer.targets_objective(
       [t.name for t in joint.members],
       lambda predictions, table: joint.score(_stack(joint, predictions), _table_labels(joint, table)),
       joint.metric, weights=joint.weights if config.loss_weights else None,
       uncertainty=config.uncertainty_weighting, describe=lambda scores: describe(joint, scores))
-  runs = multitask.train_seeds(config, objective, tables, workdir, mesh)
+  runs = mlp_trainer.train_seeds(config, objective, tables, workdir, mesh)
   best = int(np.argmax([r[0]["val"][joint.metric] for r in runs]))
   _, params, predict_fn = runs[best]
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
-  test_outputs = _stack(joint, multitask.predict(predict_fn, params, test, eval_batch))
+  test_outputs = _stack(joint, mlp_trainer.predict(predict_fn, params, test, eval_batch))
   return Trained([r[0] for r in runs], best, test_outputs, test.file_id,
                  {s: _table_labels(joint, tables[s]) for s in SPLITS})
 
