@@ -10,7 +10,7 @@ Variants (combine with ','):
   :egemaps          (mlp) eGeMAPS functionals instead of ComParE; :boaw=N bag-of-audio-words
   :release          (mlp) read the features from the release's features/ (or feats/) instead of extracting them
   :uncertainty      (mlp, with :all) learned uncertainty weighting of the task losses
-  :seeds=K          (mlp) number of seeds
+  :seeds=K          (mlp) number of seeds (Emo18 trains one, as End2You's recipe)
   :smoke            tiny demo corpus, eGeMAPS, 2 seeds x 2 epochs (mlp) or 1 epoch of a narrow Emo18 (for tests)
 
 With no data configured, the demo corpus is built in the A-VB release's layout (audio/wav/, labels/*_info.csv).
@@ -24,6 +24,9 @@ TASKS = ("high", "two", "culture", "type")
 def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False, model="mlp", all=False, egemaps=False, boaw=0, release=False,
                          uncertainty=False, seeds=5, **{t: False for t in TASKS})
+  if arg.model == "emo18" and (arg.egemaps or arg.boaw or arg.release or arg.uncertainty):
+    raise ValueError("config variants egemaps, boaw, release and uncertainty belong to model=mlp (the feature MLP); "
+                     "model=emo18 reads the raw waveform")
   config = common.get_config()
   config.task = "avb"
   config.data.demo_layout = "avb"

@@ -1,7 +1,8 @@
 """Training Emo18 on raw audio: what it predicts, its splits, its train and predict steps, and base training.
 
-Shared by the FewShot task (the model it personalises) and the Generate task (its FID feature extractor: the 256-d
-LSTM embedding). `train_base` takes a `BaseSettings` and the train and validation `Split`s.
+Shared by the FewShot task (the model it personalises), the Generate task (its FID feature extractor: the 256-d
+LSTM embedding) and the A-VB task (End2You's end-to-end recipe, one output slice per A-VB task). `train_base` takes
+a `BaseSettings` and the train and validation `Split`s.
 """
 
 import dataclasses
@@ -54,7 +55,9 @@ class Split:
     """The split's metadata (no audio decoded when `source` is a built split, see `pipeline.metadata`)."""
     columns = pipeline.metadata(source)
     if len(source) == 0:
-      return cls(source, np.zeros(0, str), np.zeros(0, str), np.zeros(0), np.zeros(0, bool))
+      width = getattr(target, "label_width", None)  # a Joint's packed labels have columns even when empty
+      return cls(source, np.zeros(0, str), np.zeros(0, str), np.zeros(0) if width is None else
+                 np.zeros((0, width), np.float32), np.zeros(0, bool))
     labels = target.labels_of(columns)
     return cls(source, np.asarray(columns["file_id"]).astype(str), np.asarray(columns["speaker"]).astype(str),
                labels, np.asarray(target.known(labels)))
@@ -151,7 +154,7 @@ def base_directory(workdir):
 def train_base(settings, model, target, train, val, mesh, workdir, log=print, record=None, read_only=False,
                name="base model", describe=None):
   """Trains Emo18 on `train`, keeping the epoch with the best validation score; returns (best variables, history,
-  predict_fn).
+  predict_fn, the history entry of the best epoch: the one whose variables are returned).
 
   `train`, `val`: `Split`s. Checkpoints go to `workdir/checkpoints/base` (resumed from there first); the training
   loop (`loop.train`) evaluates on `val` at the end of every epoch and saves mid-epoch with the iterator's position
@@ -195,4 +198,4 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
                            eval_every=steps_per_epoch, log_every=settings.log_every)
   result = loop.train(trainer, schedule, mesh)
   best = result.best_state
-  return {"params": best.params, "batch_stats": best.batch_stats}, result.history, predict_fn
+  return {"params": best.params, "batch_stats": best.batch_stats}, result.history, predict_fn, result.best_entry()

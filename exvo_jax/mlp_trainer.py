@@ -211,8 +211,8 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
       to_device=lambda batch: {k: batch[k] for k in keys},
       evaluate=lambda state: objective.score(predict(predict_fn, state.params, tables["validation"], eval_batch),
                                              tables["validation"]),
-      best_metric=objective.select, describe=objective.describe, per_item=("clips", config.batch_size), progress_every_s=config.log_every_s,
-      log=log)
+      best_metric=objective.select, describe=objective.describe, per_item=("clips", config.batch_size),
+      progress_every_s=config.log_every_s, log=log)
   # These steps take well under a millisecond: the loss is read back (and SIGTERM agreed) every 50 steps.
   schedule = loop.Schedule(total_steps=steps_per_epoch * config.num_epochs, steps_per_epoch=steps_per_epoch,
                            eval_every=steps_per_epoch, log_every=50, patience=config.patience)

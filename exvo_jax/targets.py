@@ -93,9 +93,11 @@ class Target:
 
   def score(self, predictions, labels):
     """Scores of numpy predictions on the known rows: per-dimension CCC and 'mean_ccc'; 'mae'; or 'uar' and the
-    recall of each class present ('recall_<class>')."""
+    recall of each class present ('recall_<class>'). With no known row, {metric: NaN}."""
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     known = np.asarray(self.known(labels))
+    if not known.any():
+      return {self.metric: float("nan")}
     predictions, labels = predictions[known], labels[known]
     if self.metric == "mae":
       return {"mae": float(metrics.mae(predictions, labels))}
@@ -192,14 +194,21 @@ class Joint:
     return sum(w * parts[t.name] for t, w in zip(self.members, self.weights))
 
   def score(self, outputs, packed):
-    """Each target's scores prefixed '<name>/' and 'mean_score', the mean of the targets' metrics."""
+    """Each target's scores prefixed '<name>/' and 'mean_score', the mean of the metrics of the targets with known
+    labels (NaN when none has any)."""
     labels, outputs = self.unpack(np.asarray(packed)), self.split_outputs(np.asarray(outputs))
     result, main = {}, []
     for t in self.members:
       scores = t.score(outputs[t.name], labels[t.name])
       main.append(scores[t.metric])
       result.update({f"{t.name}/{k}": v for k, v in scores.items()})
-    return {**result, "mean_score": float(np.mean(main))}
+    known = [m for m in main if np.isfinite(m)]
+    return {**result, "mean_score": float(np.mean(known)) if known else float("nan")}
+
+  @property
+  def label_width(self):
+    """Columns of the packed labels."""
+    return self._labels[-1].stop
 
 
 def _emogator_categories():

@@ -10,8 +10,8 @@
 #   PYTHON   interpreter                                     (default: python)
 #   Extra arguments are passed to every run, e.g. --config.data.root=/data/a_vb --config.num_seeds=3
 #
-# A cell that fails is reported and the sweep goes on; finished cells are not retrained (each resumes from its
-# workdir).
+# A cell that fails is reported, the sweep goes on, and the script exits 1 after printing the table; finished cells
+# are not retrained (each resumes from its workdir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,7 @@ fi
 mkdir -p "$WORKDIR"
 
 workdirs=()
+failed=0
 for cell in $CELLS; do
   dir="$WORKDIR/${cell//[=,+]/_}"
   workdirs+=("$dir")
@@ -34,7 +35,12 @@ for cell in $CELLS; do
   if ! "$PYTHON" -m exvo_jax.main --config="configs/avb.py:$cell" --workdir="$dir" "$@" > "$dir.log" 2>&1; then
     echo "   failed: last lines of $dir.log:"
     tail -n 3 "$dir.log" | sed 's/^/   /'
+    failed=$((failed + 1))
   fi
 done
 
 "$PYTHON" -m exvo_jax.tasks.avb "${workdirs[@]}"
+if [ "$failed" -gt 0 ]; then
+  echo "avb_table7.sh: $failed cell(s) failed (see their logs)" >&2
+  exit 1
+fi

@@ -17,6 +17,7 @@ from configs import avb as avb_config
 from exvo_jax import config_check
 from exvo_jax import targets
 from exvo_jax.data import schema
+from exvo_jax.data.report import CorpusError
 from exvo_jax.tasks import avb
 
 # The organisers' submission columns, written out here (not taken from the code under test).
@@ -50,10 +51,11 @@ def _check_submission(path, task, test_ids):
   assert rows[0] == ["File_ID", *COLUMNS[task]]
   assert sorted(r[0] for r in rows[1:]) == sorted(test_ids)
   for r in rows[1:]:
+    assert len(r) == 1 + len(COLUMNS[task])
     if task == "type":
       assert r[1] in TYPES
     else:
-      assert len(r) == 1 + len(COLUMNS[task]) and all(np.isfinite(float(v)) for v in r[1:])
+      assert all(np.isfinite(float(v)) for v in r[1:])
 
 
 def test_config_variants_and_checks():
@@ -69,12 +71,17 @@ def test_config_variants_and_checks():
   assert len(avb_config.get_sweep()) == 8
   with pytest.raises(ValueError, match="unknown config variant 'low'"):
     avb_config.get_config("low")
+  with pytest.raises(ValueError, match="belong to model=mlp"):
+    avb_config.get_config("high,model=emo18,egemaps")
   avb.check_config(avb_config.get_config("all,model=emo18"))
   bad = [("model=emo19", None, "--config.model='emo19' is not one of: mlp, emo18"),
          ("all", {"loss_weights": (1.0, 2.0)}, "loss_weights has 2 values for 4 tasks"),
-         ("all,model=emo18,uncertainty", None, "needs model=mlp"),
+         ("all,model=emo18", {"uncertainty_weighting": True}, "needs model=mlp"),
          ("high", {"tasks": ("high", "lwo")}, "'lwo' not among: high, two, culture, type"),
          ("egemaps", {"features": {"sets": ("deepspectrum",)}}, "'deepspectrum' not among: compare, egemaps, boaw")]
+  bad += [("all", {"team": "my team/x"}, "A-VB-<Task>_<team>_<n>.csv"),
+          ("high,uncertainty", None, "two tasks or more"),
+          ("high", {"num_seeds": 0}, "train at least one seed")]
   for arg, change, message in bad:
     config = avb_config.get_config(arg)
     for key, value in (change or {}).items():
@@ -97,9 +104,8 @@ def test_mlp_smoke_per_task_writes_metrics_and_the_organisers_submission(task, t
   root = _demo_root()
   test_ids = [r["File_ID"] for r in _label_rows(root, task) if r["Split"] == "Test"]
   val = [r for r in _label_rows(root, task) if r["Split"] == "Val"]
-  # The floor, recomputed: a constant prediction has CCC 0; the majority class has UAR 1 / (classes in Val).
-  expected_floor = 1 / len({r["Voc_Type"] for r in val}) if task == "type" else 0.0
-  assert result["floor"][key] == pytest.approx(expected_floor, abs=1e-6)
+  if task == "type":  # the majority class's UAR is 1 / (classes in Val)
+    assert result["floor"][key] == pytest.approx(1 / len({r["Voc_Type"] for r in val}), abs=1e-6)
   assert "test" not in result  # the demo's Test labels are -1 (hidden)
   assert result["submissions"] == [f"A-VB-{TITLES[task]}_exvo_jax_1.csv"]
   _check_submission(tmp_path / result["submissions"][0], task, test_ids)
@@ -125,6 +131,16 @@ def test_emo18_smoke_on_the_four_tasks_jointly(tmp_path):
     _check_submission(tmp_path / f"A-VB-{TITLES[task]}_exvo_jax_1.csv", task, test_ids)
   stage = json.loads((tmp_path / "checkpoints" / "base" / "stage.json").read_text())["record"]
   assert stage["tasks"] == ["high", "two", "culture", "type"] and stage["data.demo_layout"] == "avb"
+
+
+def test_emo18_smoke_on_one_task(tmp_path):
+  smoke.run_main("configs/avb.py:smoke,type,model=emo18", tmp_path)
+  result = json.loads((tmp_path / "metrics.json").read_text())
+  (seed,) = result["seeds"]
+  assert result["tasks"] == ["type"] and set(seed["val"]) >= {"avb_type/uar", "mean_score"}
+  assert seed["val"]["mean_score"] == seed["val"]["avb_type/uar"]
+  test_ids = [r["File_ID"] for r in _label_rows(_demo_root(), "type") if r["Split"] == "Test"]
+  _check_submission(tmp_path / "A-VB-Type_exvo_jax_1.csv", "type", test_ids)
 
 
 def test_the_avb_release_layout_end_to_end_with_its_shipped_features(tmp_path):
@@ -197,3 +213,24 @@ def test_the_table7_launch_script_runs_its_cells_and_prints_the_table(tmp_path):
   voc_type = json.loads((tmp_path / "smoke_type_seeds_1" / "metrics.json").read_text())["val_scores"]["type"]
   assert f"| MLP on egemaps | {high:.3f} | - | - | - | - | - | {voc_type:.3f} | - |" in done.stdout
   assert "| organisers: ComParE + MLP (published) | - | 0.521 | - | 0.499 | - | 0.380 | - | 0.384 |" in done.stdout
+
+
+def test_a_task_whose_label_file_was_left_out_stops_before_training_and_the_others_run(tmp_path):
+  """A Culture file missing columns is left out of the build (the build report says so): `:all` stops before
+  training, naming the file and the fix; the other three tasks train on the same build."""
+  rows = release_fixtures.make_clips((4, 2, 2), clips_per_speaker=6)
+  root = release_fixtures.write_release(tmp_path / "avb", rows, layout="avb")
+  path = root / "labels" / "culture_info.csv"
+  with open(path, newline="") as f:
+    table = list(csv.reader(f))
+  with open(path, "w", newline="") as f:
+    csv.writer(f).writerows([row[:-1] for row in table])  # drops Venezuela_Surprise
+  config = avb_config.get_config("smoke,all,release,seeds=1")
+  config.data.root, config.data.tfds_dir, config.log_every_s = str(root), str(tmp_path / "tfds"), 1e9
+  with pytest.raises(CorpusError, match=r"no train clip has Culture labels \(labels/culture_info.csv"):
+    avb.run(config, str(tmp_path / "all"))
+  assert not (tmp_path / "all" / "seed0").exists()
+  config.tasks = ("high", "two", "type")
+  result = avb.run(config, str(tmp_path / "three"))
+  assert set(result["val_scores"]) == {"high", "two", "type"}
+  assert all(np.isfinite(v) for v in result["val_scores"].values())

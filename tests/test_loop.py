@@ -81,7 +81,7 @@ def run_emo18_base(workdir, splits):
                                         log_every_s=1e9, log_every=5)
   target = emo18_trainer.make_target("hume_vb")
   model = emo18.Emo18(num_outputs=10, hidden=8, bn_axis_name=parallel.DATA_AXIS)
-  variables, history, _ = emo18_trainer.train_base(settings, model, target, splits["train"], splits["validation"],
+  variables, history, _, _ = emo18_trainer.train_base(settings, model, target, splits["train"], splits["validation"],
                                                    parallel.make_mesh(2), str(workdir), log=_quiet)
   return variables, history
 

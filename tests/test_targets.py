@@ -162,3 +162,18 @@ def test_a_joint_target_refuses_a_lower_is_better_member_and_mismatched_weights(
     targets.Joint([targets.get("emotions"), targets.get("age")])
   with pytest.raises(ValueError, match="1 loss weights for 2 targets"):
     targets.Joint([targets.get("avb_two"), targets.get("avb_type")], weights=(1.0,))
+
+
+def test_a_member_without_known_labels_scores_nan_and_the_mean_is_over_the_others():
+  """A release whose Test labels are out for some tasks only: the others are still scored."""
+  rng = np.random.default_rng(4)
+  labels = _avb_labels(rng, 12)
+  labels["avb_high"][:] = np.nan  # High hidden, Type known
+  joint = targets.Joint([targets.get("avb_high"), targets.get("avb_type")])
+  outputs = rng.normal(size=(12, 18)).astype(np.float32)
+  scores = joint.score(outputs, joint.labels_of(labels))
+  known = labels["avb_type"] >= 0
+  uar = balanced_accuracy_score(labels["avb_type"][known], outputs[known, 10:].argmax(-1))
+  assert np.isnan(scores["avb_high/mean_ccc"]) and scores["avb_type/uar"] == pytest.approx(uar, abs=1e-6)
+  assert scores["mean_score"] == pytest.approx(uar, abs=1e-6)
+  assert np.isnan(targets.get("avb_two").score(np.zeros((2, 2)), np.full((2, 2), np.nan))["mean_ccc"])

@@ -18,14 +18,16 @@ losses (or `loss_weights`, or learned uncertainty weights with the MLP) and the 
 Scores on Val: per dimension CCC and their mean (population moments; the organisers' evaluation mixes
 1/(n-1) variances with a 1/n covariance, which is not copied), UAR and per-class recall for Type. A clip whose
 labels for a task are missing or bad (the build report names them) is left out of that task's loss and score only.
-Test predictions go to `A-VB-<Task>_<team>_<n>.csv` in the organisers' format: `File_ID` as in the label files,
-then the task's columns (Type as class names). When the release's Test labels are known (not -1), Test is scored
+Test predictions go to `A-VB-<Task>_<team>_<n>.csv` in the organisers' format: `File_ID` as written in
+data_info.csv (the release writes it the same way in its label files, `[10119]`), then the task's columns (Type as
+class names). When the release's Test labels are known (not -1), Test is scored
 too.
 """
 
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 
@@ -38,6 +40,7 @@ from exvo_jax import targets
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
+from exvo_jax.data.report import CorpusError
 from exvo_jax.models import emo18
 
 # Task name -> (target, title in file names and tables).
@@ -47,8 +50,8 @@ MODELS = ("mlp", "emo18")
 FEATURE_SETS = ("compare", "egemaps", "boaw")
 SPLITS = ("train", "validation", "test")
 
-# The organisers' published Test scores (A-VB 2022 baseline paper; docs/hume_vb.md section 3): the rows of Table 7
-# our runs are printed beside.
+# The organisers' published Test scores (A-VB 2022 baseline paper; docs/hume_vb.md sections 2 and 3): the rows of
+# Table 7 our runs are printed beside.
 PUBLISHED_TEST = {
     "organisers: ComParE + MLP": {"high": 0.521, "two": 0.499, "culture": 0.380, "type": 0.384},
     "organisers: End2You (Emo18)": {"high": 0.5686, "two": 0.5084, "culture": 0.4401, "type": 0.4172},
@@ -82,10 +85,17 @@ def check_config(config):
   if config.loss_weights and len(config.loss_weights) != len(config.tasks):
     raise config_check.ConfigError(f"--config.loss_weights has {len(config.loss_weights)} values for "
                                    f"{len(config.tasks)} tasks ({', '.join(config.tasks)}); give one per task")
-  if config.uncertainty_weighting and (config.model != "mlp" or config.loss_weights):
-    raise config_check.ConfigError("--config.uncertainty_weighting=True needs model=mlp and no loss_weights")
+  if config.uncertainty_weighting and (config.model != "mlp" or config.loss_weights or len(config.tasks) < 2):
+    raise config_check.ConfigError("--config.uncertainty_weighting=True needs model=mlp, two tasks or more (:all) "
+                                   "and no loss_weights")
+  if not re.fullmatch(r"[A-Za-z0-9._-]+", config.team) or config.submission_number < 1:
+    raise config_check.ConfigError(f"--config.team={config.team!r} / --config.submission_number="
+                                   f"{config.submission_number!r}: the submission file is A-VB-<Task>_<team>_<n>.csv; "
+                                   "use letters, digits, '.', '_' or '-' for the team and n >= 1")
   if config.model == "mlp":
     mlp_trainer.check_features(config, FEATURE_SETS)
+    if config.num_seeds < 1:
+      raise config_check.ConfigError(f"--config.num_seeds={config.num_seeds}: train at least one seed")
 
 
 def emo18_record(config):
@@ -138,8 +148,17 @@ def describe(joint, scores):
   return " ".join(parts + ([f"mean_score {scores['mean_score']:.4f}"] if len(parts) > 1 else []))
 
 
-def has_labels(joint, packed):
-  return bool(np.asarray(joint.known(packed)).any())
+def require_labels(joint, labels):
+  """Stops before training when a task has no known label in Train or Validation (e.g. its label file was left
+  out of the build: its build report says why), naming the task and the fix."""
+  for split in ("train", "validation"):
+    unpacked = joint.unpack(labels[split])
+    for t in joint.members:
+      if not np.asarray(t.known(unpacked[t.name])).any():
+        task = next(k for k, (name, _) in TASKS.items() if name == t.name)
+        raise CorpusError(f"no {split} clip has {TASKS[task][1]} labels (labels/{task}_info.csv; see the build "
+                          f"report build_report.json for what was left out); fix that file or leave the task out "
+                          f"(--config.tasks)")
 
 
 def write_submissions(config, workdir, joint, file_ids, outputs):
@@ -153,8 +172,9 @@ def write_submissions(config, workdir, joint, file_ids, outputs):
 
 
 def task_scores(config, scores):
-  """{task: the task's main score} from a joint target's scores."""
-  return {task: scores[f"{TASKS[task][0]}/{targets.get(TASKS[task][0]).metric}"] for task in config.tasks}
+  """{task: the task's main score} from a joint target's scores (NaN for a task without labels)."""
+  return {task: scores.get(f"{TASKS[task][0]}/{targets.get(TASKS[task][0]).metric}", float("nan"))
+          for task in config.tasks}
 
 
 def format_summary(config, result):
@@ -163,7 +183,8 @@ def format_summary(config, result):
   for task in config.tasks:
     target = targets.get(TASKS[task][0])
     key = f"{target.name}/{target.metric}"
-    lines.append(f"| {TASKS[task][1]} | {target.metric} | {result['mean'][key]:.3f} +- {result['std'][key]:.3f} | "
+    spread = f" +- {result['std'][key]:.3f}" if len(result["seeds"]) > 1 else " (1 seed)"
+    lines.append(f"| {TASKS[task][1]} | {target.metric} | {result['mean'][key]:.3f}{spread} | "
                  f"{result['floor'][key]:.3f} |")
   return "\n".join(lines)
 
@@ -187,6 +208,7 @@ def run_mlp(config, workdir, root, joint):
   tables = mlp_trainer.load_tables(config, root, workdir)
   train = tables["train"]
   tables["train"] = train.select(np.asarray(joint.known(_table_labels(joint, train))))
+  require_labels(joint, {s: _table_labels(joint, tables[s]) for s in ("train", "validation")})
   tables, mesh = mlp_trainer.prepare_tables(config, workdir, tables)
   train, val, test = (tables[s] for s in SPLITS)
   print(f"A-VB {'+'.join(config.tasks)} with the MLP on {'+'.join(config.features.sets)} "
@@ -218,6 +240,7 @@ def run_emo18(config, workdir, root, joint):
   builder, _ = builders.prepare("hume_vb", root, config="audio", data_dir=config.data.tfds_dir or None,
                                 strict=config.data.strict)
   splits = {s: emo18_trainer.Split.read(builders.data_source(builder, s), joint) for s in SPLITS}
+  require_labels(joint, {s: splits[s].labels for s in ("train", "validation")})
   mesh = parallel.make_mesh(config.num_devices or None)
   settings = base_settings(config)
   if settings.batch_size % mesh.size:
@@ -227,10 +250,9 @@ def run_emo18(config, workdir, root, joint):
   train, val, test = (splits[s] for s in SPLITS)
   print(f"A-VB {'+'.join(config.tasks)} with Emo18 (hidden {config.hidden}): {int(train.labelled.sum())} labelled "
         f"train, {len(val.file_id)} val, {len(test.file_id)} test clips, {mesh.size} device(s)")
-  variables, history, predict_fn = emo18_trainer.train_base(
+  variables, history, predict_fn, best = emo18_trainer.train_base(
       settings, model, joint, train, val, mesh, workdir, record=emo18_record(config), name="Emo18",
       describe=lambda scores: describe(joint, scores))
-  best = max(history, key=lambda entry: entry[joint.metric])
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
   test_outputs, _ = emo18_trainer.predict_split(predict_fn, variables, test.source, settings.audio_options(),
                                                 eval_batch)
@@ -256,12 +278,13 @@ def run(config, workdir):
       "submission_seed": trained.seeds[trained.best]["seed"],
       "submissions": [submission_name(config, task) for task in config.tasks],
   }
-  if has_labels(joint, trained.labels["test"]):  # a release whose Test labels are out: score Test too
-    result["test"] = joint.score(trained.test_outputs, trained.labels["test"])
-    result["test_scores"] = task_scores(config, result["test"])
   if writers.is_writer():
     os.makedirs(workdir, exist_ok=True)
   write_submissions(config, workdir, joint, trained.test_ids, trained.test_outputs)
+  test = joint.score(trained.test_outputs, trained.labels["test"])
+  test_scores = {task: v for task, v in task_scores(config, test).items() if np.isfinite(v)}
+  if test_scores:  # a release whose Test labels are out (for some tasks or all): score them too
+    result["test"], result["test_scores"] = test, test_scores
   writers.write_json(os.path.join(workdir, "metrics.json"), result)
   print(format_summary(config, result))
   return result

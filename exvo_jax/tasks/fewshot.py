@@ -362,9 +362,9 @@ def run(config, workdir):
         + f"; Emo18 hidden {config.hidden}; adaptation {config.adaptation}; {mesh.size} device(s)")
   start = time.monotonic()
   settings = base_settings(config)
-  variables, history, predict_fn = emo18_trainer.train_base(settings, model, target, splits["train"],
-                                                            splits[config.val_split], mesh, workdir,
-                                                            record=base_record(config))
+  variables, history, predict_fn, _ = emo18_trainer.train_base(settings, model, target, splits["train"],
+                                                               splits[config.val_split], mesh, workdir,
+                                                               record=base_record(config))
   modes = set(config.adaptation.split("+"))
   adapted_variables = variables
   if modes & {"maml", "fomaml"}:

@@ -186,7 +186,7 @@ def train_classifier(config, splits, mesh, workdir):
   c = config.classifier
   target = emo18_trainer.make_target("hume_vb")
   model, settings = _classifier_model(config), _classifier_settings(config)
-  variables, history, predict_fn = emo18_trainer.train_base(
+  variables, history, predict_fn, _ = emo18_trainer.train_base(
       settings, model, target, splits["train"], splits["validation"], mesh, classifier_workdir(config, workdir),
       record=classifier_record(config), read_only=bool(c.workdir), name="FID classifier")
   classifier = fid.Classifier(predict_fn, parallel.replicate(variables, mesh), settings.audio_options(),
