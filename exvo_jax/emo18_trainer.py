@@ -68,14 +68,15 @@ class Split:
     return pipeline.collate(records, batch_size=batch_size or len(records), options=options)
 
 
-def make_train_step(model, target):
-  """Per-device (pmap-style) step; BatchNorm statistics are summed over the `data` axis inside the model."""
+def make_train_step(model, target, masked=True):
+  """Per-device (pmap-style) step; BatchNorm statistics are summed over the `data` axis inside the model.
+  `masked=False` when every training label is known (`targets.Target.loss`)."""
 
   def train_step(state, batch):
     def loss_fn(params):
       out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["audio"],
                                  batch["length"], train=True, mutable=["batch_stats"])
-      return target.loss(out["outputs"], batch["labels"]), updates["batch_stats"]
+      return target.loss(out["outputs"], batch["labels"], masked), updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, parallel.DATA_AXIS)
@@ -185,7 +186,7 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
 
   trainer = loop.Trainer(
       name=name, directory=base_directory(workdir), init_state=make_state,
-      step=parallel.data_parallel(make_train_step(model, target), mesh),
+      step=parallel.data_parallel(make_train_step(model, target, not target.all_known(train.labels)), mesh),
       batches=lambda epoch: pipeline.make_pipeline(
           train.source, batch_size=settings.batch_size // processes, train=True, num_epochs=1,
           seed=settings.seed * 1000 + epoch, audio=options, shard_index=jax.process_index(),

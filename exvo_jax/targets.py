@@ -79,9 +79,19 @@ class Target:
       return labels >= 0
     return jnp.isfinite(labels) if self.scalar else jnp.all(jnp.isfinite(labels), axis=-1)
 
-  def loss(self, predictions, labels):
+  def loss(self, predictions, labels, masked=True):
     """Mean squared error over the known rows and every dimension (regression), or mean softmax cross-entropy over
-    the known rows (classification), of activated predictions; 0 when no row is known."""
+    the known rows (classification), of activated predictions; 0 when no row is known.
+
+    masked=False: the caller guarantees that every label is known, and the loss is the plain mean over all rows,
+    the recipes' own formula. Its value is the same, but XLA compiles the masked form into another program whose
+    float32 rounding differs in the last bits, which hundreds of training steps grow into visible differences: the
+    trainers pass False where the labels are all known, so their results stay those of the plain recipes.
+    """
+    if not masked:
+      if self.kind == CLASSIFICATION:
+        return optax.softmax_cross_entropy_with_integer_labels(predictions, labels).mean()
+      return jnp.mean((predictions - labels) ** 2)
     known = self.known(labels)
     count = jnp.maximum(jnp.sum(known), 1)
     if self.kind == CLASSIFICATION:
@@ -112,6 +122,10 @@ class Target:
   def labels_of(self, columns):
     """This target's labels from a record's (or a batch's, or metadata's) columns."""
     return np.asarray(columns[self.field])
+
+  def all_known(self, labels):
+    """Whether every row carries this target's label (then `loss(..., masked=False)` applies)."""
+    return bool(np.all(np.asarray(self.known(labels))))
 
   def submission_values(self, prediction):
     """One clip's activated prediction -> its submission cells (class name for a classification)."""
@@ -184,13 +198,18 @@ class Joint:
     labels = self.unpack(packed)
     return np.any([np.asarray(t.known(labels[t.name])) for t in self.members], axis=0)
 
-  def losses(self, outputs, packed):
-    """{target name: its masked loss} on the target's slice of the outputs."""
-    labels, outputs = self.unpack(packed), self.split_outputs(outputs)
-    return {t.name: t.loss(outputs[t.name], labels[t.name]) for t in self.members}
+  def all_known(self, packed):
+    """Whether every row carries every member's label."""
+    labels = self.unpack(packed)
+    return all(t.all_known(labels[t.name]) for t in self.members)
 
-  def loss(self, outputs, packed):
-    parts = self.losses(outputs, packed)
+  def losses(self, outputs, packed, masked=True):
+    """{target name: its loss} on the target's slice of the outputs (`Target.loss`)."""
+    labels, outputs = self.unpack(packed), self.split_outputs(outputs)
+    return {t.name: t.loss(outputs[t.name], labels[t.name], masked) for t in self.members}
+
+  def loss(self, outputs, packed, masked=True):
+    parts = self.losses(outputs, packed, masked)
     return sum(w * parts[t.name] for t, w in zip(self.members, self.weights))
 
   def score(self, outputs, packed):

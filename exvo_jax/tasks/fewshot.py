@@ -78,10 +78,11 @@ def support_query(split, *, num_support, seed):
 # Steps.
 
 def clip_loss_fn(model, target, batch_stats):
-  """(params, batch) -> loss with frozen BatchNorm statistics: the loss every adaptation step minimises."""
+  """(params, batch) -> loss with frozen BatchNorm statistics: the loss every adaptation step minimises. Its clips
+  are labelled ones (support, query, episodes), so the loss is the unmasked mean."""
   def loss_fn(params, batch):
     out = model.apply({"params": params, "batch_stats": batch_stats}, batch["audio"], batch["length"], train=False)
-    return target.loss(out["outputs"], batch["labels"])
+    return target.loss(out["outputs"], batch["labels"], masked=False)
   return loss_fn
 
 
@@ -229,7 +230,7 @@ def personalise(config, model, target, variables, mode, split, outputs, embeddin
     head_mask = {"kernel": True, "bias": True}
 
     def head_loss(head, batch):
-      return target.loss(batch["x"] @ head["kernel"] + head["bias"], batch["labels"])
+      return target.loss(batch["x"] @ head["kernel"] + head["bias"], batch["labels"], masked=False)
 
     adapt_head = jax.jit(lambda head, batch: adaptation.inner_loop(
         head_loss, head, batch, steps=steps, learning_rate=config.finetune.learning_rate, mask=head_mask,
@@ -398,8 +399,9 @@ def run(config, workdir):
     predictions = personalise(config, model, target, adapted_variables if mode != "none" else variables, mode, val,
                               outs, embs, val_episodes, read_out)
     results[mode] = target.score(np.stack([predictions[i] for i in query]), val.labels[query])
-    per_speaker[mode] = {speaker: float(target.loss(np.stack([predictions[i] for i in rows]), val.labels[rows]))
-                         for speaker, (_, rows) in val_episodes.items()}
+    per_speaker[mode] = {
+        speaker: float(target.loss(np.stack([predictions[i] for i in rows]), val.labels[rows], masked=False))
+        for speaker, (_, rows) in val_episodes.items()}
   table = format_table(target, results)
   print(f"{config.val_split}: {len(query)} query clips of {len(val_episodes)} speakers "
         f"({config.num_support} support clips each, seed {config.support_seed})")
