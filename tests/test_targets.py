@@ -177,3 +177,27 @@ def test_a_member_without_known_labels_scores_nan_and_the_mean_is_over_the_other
   assert np.isnan(scores["avb_high/mean_ccc"]) and scores["avb_type/uar"] == pytest.approx(uar, abs=1e-6)
   assert scores["mean_score"] == pytest.approx(uar, abs=1e-6)
   assert np.isnan(targets.get("avb_two").score(np.zeros((2, 2)), np.full((2, 2), np.nan))["mean_ccc"])
+
+
+def test_the_unmasked_loss_is_the_plain_mean_and_all_known_says_when_it_applies():
+  rng = np.random.default_rng(5)
+  predictions = rng.normal(size=(6, 10)).astype(np.float32)
+  labels = rng.uniform(size=(6, 10)).astype(np.float32)
+  emotions = targets.get("emotions")
+  assert emotions.all_known(labels)
+  plain = float(emotions.loss(predictions, labels, masked=False))
+  assert plain == pytest.approx(np.mean((predictions.astype(np.float64) - labels) ** 2), rel=1e-6)
+  assert plain == pytest.approx(float(emotions.loss(predictions, labels)), rel=1e-6)
+  labels[2, 3] = np.nan
+  assert not emotions.all_known(labels)
+  logits = rng.normal(size=(5, 8)).astype(np.float32)
+  classes = np.array([0, 3, 7, 1, 1])
+  log_softmax = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+  voc_type = targets.get("avb_type")
+  assert float(voc_type.loss(logits, classes, masked=False)) == pytest.approx(
+      -np.mean(log_softmax[np.arange(5), classes]), rel=1e-5)
+  joint = targets.Joint([targets.get("avb_two"), voc_type])
+  two = rng.uniform(size=(5, 2)).astype(np.float32)
+  assert joint.all_known(joint.labels_of({"avb_two": two, "avb_type": classes}))
+  classes[0] = -1
+  assert not joint.all_known(joint.labels_of({"avb_two": two, "avb_type": classes}))
