@@ -81,6 +81,9 @@ def test_emogator_reader_on_the_shared_folder():
     ("configs/multitask.py:smoke,fusion=compare+egemap", None,
      ["--config.features.sets: 'egemap' not among: compare, egemaps, boaw, deepspectrum"]),
     ("configs/describe.py:smoke", "--config.data.demo_size=tinny", ["--config.data.demo_size='tinny' is not one of"]),
+    ("configs/avb.py:smoke,hihg", None, ["unknown config variant 'hihg'"]),
+    ("configs/avb.py:smoke", "--config.data.demo_layout=abv",
+     ["--config.data.demo_layout='abv' is not one of: exvo, avb"]),
 ])
 def test_a_config_typo_fails_before_any_data_is_built(tmp_path, config, flag, fragments):
   """Every task: the key, the value and the choices are named, and nothing is built (a fresh cache stays empty)."""
