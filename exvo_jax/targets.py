@@ -139,8 +139,8 @@ class Joint:
   """Several targets trained together on one output vector: each reads its own slice of the outputs (a single linear
   layer of sum(k) outputs is one linear head per target) and its own columns of a packed label array.
 
-  It offers what a trainer uses of a `Target` (`num_outputs`, `labels_of`, `loss`, `score`, `metric`,
-  `higher_is_better`), so a trainer written for one target trains on several. Labels are packed into one float
+  It offers what a trainer uses of a `Target` (`num_outputs`, `labels_of`, `known`, `all_known`, `loss`,
+  `score`, `metric`), so a trainer written for one target trains on several. Labels are packed into one float
   array [N, sum of label widths] (a class index as a float, -1 unknown) so that splits index them like any array.
 
   weights: loss weight per target (default 1 each): the joint loss is sum_i w_i L_i of the targets' own masked
@@ -148,8 +148,6 @@ class Joint:
     higher is better for all of them: a target scored by MAE cannot join).
   """
   metric = "mean_score"
-  higher_is_better = True
-  kind = "joint"
 
   def __init__(self, members, weights=None):
     self.members = tuple(members)
