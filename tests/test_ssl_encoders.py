@@ -349,3 +349,12 @@ def test_an_unimplemented_config_option_is_named(good, tmp_path):
   folder = _variant_of(good, tmp_path, config=lambda raw: dict(raw, add_adapter=True))
   with pytest.raises(ssl_checkpoint.CheckpointError, match=r"config\.json: add_adapter is true"):
     ssl_checkpoint.load(folder)
+
+
+def test_the_check_command_loads_a_folder_and_reports_its_hidden_states(good, tmp_path, capsys):
+  assert ssl_checkpoint.main(["ssl_checkpoint", "--check", str(good)]) == 0
+  out = capsys.readouterr().out
+  assert "encoder: wav2vec2 from" in out and "2 layers, post-LN, group-norm feature encoder" in out
+  assert "1 s of audio -> 3 hidden states of shape [49, 32]" in out  # 16,000 samples: 49 frames, width 32
+  assert ssl_checkpoint.main(["ssl_checkpoint", "--check", str(tmp_path / "nowhere")]) == 2
+  assert "no such checkpoint folder" in capsys.readouterr().err

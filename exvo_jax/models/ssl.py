@@ -1,5 +1,5 @@
 """Self-supervised speech encoders (wav2vec 2.0, HuBERT, WavLM) as one Flax Linen module, configured from the
-`config.json` of a Hugging Face checkpoint folder (../shared/design/ssl_encoders.md).
+`config.json` of a Hugging Face checkpoint folder (docs/ssl_encoders.md).
 
 The families differ only in configuration:
 - feature encoder: seven strided convolutions over the raw 16 kHz waveform (kernels 10,3,3,3,3,2,2, strides
@@ -108,12 +108,8 @@ def _activation(name):
 
 
 class StridedConv(nn.Module):
-  """Conv1d over [batch, time, channels] with VALID padding, as one matmul over the stacked kernel taps.
-
-  The taps are strided slices of the input, so the product has shape [batch, frames, kernel * in] @ [kernel * in,
-  out]: on CPU this measured faster than lax.conv_general_dilated for these short, wide kernels.
-  Kernel layout [kernel, in, out] (PyTorch's [out, in, kernel] transposed).
-  """
+  """Conv1d over [batch, time, channels] with VALID padding; kernel [kernel, in, out] (PyTorch's [out, in, kernel]
+  transposed)."""
   features: int
   kernel_size: int
   stride: int
@@ -122,12 +118,9 @@ class StridedConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    in_features = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.he_normal(), (self.kernel_size, in_features, self.features))
-    frames = (x.shape[1] - self.kernel_size) // self.stride + 1
-    taps = jnp.stack([x[:, j: j + self.stride * (frames - 1) + 1: self.stride] for j in range(self.kernel_size)],
-                     axis=2)  # [batch, frames, kernel, in]
-    y = jnp.einsum("btki,kio->bto", taps.astype(self.dtype), kernel.astype(self.dtype))
+    kernel = self.param("kernel", nn.initializers.he_normal(), (self.kernel_size, x.shape[-1], self.features))
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,), "VALID",
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y
@@ -362,16 +355,21 @@ class SpeechEncoder(nn.Module):
   clip's end are zeroed before the positional convolution and left out of every attention. Group-norm models
   normalise over the padded length all the same (as in PyTorch), so batch them by length.
   `time_mask` [batch, frames] bool replaces those frames with the learned `masked_spec_embed` (fine-tuning's
-  time masking). `remat` recomputes each transformer layer in the backward pass; `dtype` is the compute type.
+  time masking). `remat` recomputes each transformer layer in the backward pass; `freeze_feature_encoder` stops
+  gradients at the feature encoder's output (its activations are then not kept for a backward pass: on 3 s clips
+  they, not the transformer's, dominate a train step's memory); `dtype` is the compute type.
   """
   config: EncoderConfig
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  freeze_feature_encoder: bool = False
 
   @nn.compact
   def __call__(self, waveform, sample_mask=None, time_mask=None, deterministic=True):
     c = self.config
     features = FeatureEncoder(c, self.dtype, name="feature_extractor")(waveform)
+    if self.freeze_feature_encoder:
+      features = jax.lax.stop_gradient(features)
     frame_mask = None
     if sample_mask is not None:
       lengths = jnp.sum(sample_mask.astype(jnp.int32), axis=1)

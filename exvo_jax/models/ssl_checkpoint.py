@@ -344,12 +344,34 @@ def convert_to_safetensors(folder) -> pathlib.Path:
   return target
 
 
+def check(folder, log=print) -> None:
+  """Load a folder and run the encoder on one second of noise: prints what was read and the hidden states' shape."""
+  import jax.numpy as jnp
+  checkpoint = load(folder, log)
+  waveform = np.random.default_rng(0).normal(size=(1, 16_000)).astype(np.float32)
+  if checkpoint.config.normalize_waveform:
+    waveform = np.asarray(ssl.normalize_waveform(jnp.asarray(waveform)))
+  out = ssl.SpeechEncoder(checkpoint.config).apply({"params": checkpoint.params}, jnp.asarray(waveform))
+  hidden = out["hidden_states"]
+  log(f"encoder: 1 s of audio -> {len(hidden)} hidden states of shape {list(hidden[0].shape[1:])} (frames, width); "
+      f"clips {'are' if checkpoint.config.normalize_waveform else 'are not'} normalised (do_normalize)")
+
+
+USAGE = """usage: python -m exvo_jax.models.ssl_checkpoint --check FOLDER
+       python -m exvo_jax.models.ssl_checkpoint --to_safetensors FOLDER
+--check loads a Hugging Face model folder and runs the encoder on 1 s of noise; --to_safetensors writes
+model.safetensors beside a folder's pytorch_model.bin (needs torch), so that later runs need no torch."""
+
+
 def main(argv):
-  if len(argv) != 3 or argv[1] != "--to_safetensors":
-    print("usage: python -m exvo_jax.models.ssl_checkpoint --to_safetensors FOLDER", file=sys.stderr)
+  if len(argv) != 3 or argv[1] not in ("--check", "--to_safetensors"):
+    print(USAGE, file=sys.stderr)
     return 2
   try:
-    print(f"wrote {convert_to_safetensors(argv[2])}")
+    if argv[1] == "--check":
+      check(argv[2])
+    else:
+      print(f"wrote {convert_to_safetensors(argv[2])}")
   except CheckpointError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
