@@ -96,7 +96,7 @@ def test_finetune_and_maml_lower_the_query_loss_of_most_speakers_on_the_demo_cor
   results = {}
   for mode in ("maml", "finetune"):
     config = fewshot_config.get_config(f"adaptation={mode},epochs=2")
-    config.maml.meta_steps = 30
+    config.maml.meta_steps = 15
     config.log_every_s = 1e9
     config.num_devices = 1  # 8 virtual devices on 2 cores only add overhead; the 8-device step is tested above
     results[mode] = fewshot.run(config, str(tmp_path))  # the second run resumes the base model
