@@ -101,9 +101,11 @@ def test_every_hidden_state_matches_transformers_on_a_batch_of_different_lengths
     assert np.max(np.abs(hidden_states[-1] - last)) > 1e-2
 
 
-def test_a_masked_clip_in_a_padded_batch_equals_the_clip_alone_in_pytorch(tmp_path_factory):
-  """The attention mask works: each clip of the batch matches PyTorch run on that clip alone, unpadded."""
-  model, folder = _save(tmp_path_factory, "masked", *VARIANTS["wavlm_large_style"])
+@pytest.mark.parametrize("variant", ["wavlm_large_style", "wav2vec2_group_postln"])
+def test_a_masked_clip_in_a_padded_batch_equals_the_clip_alone_in_pytorch(tmp_path_factory, variant):
+  """With the sample mask, each clip of a padded batch matches PyTorch run on that clip alone, unpadded: the
+  attention mask, and for group-norm models the first GroupNorm's statistics over the clip's own frames."""
+  model, folder = _save(tmp_path_factory, f"masked_{variant}", *VARIANTS[variant])
   waveform, sample_mask = _batch()
   hidden_states, _, frame_mask = _flax_hidden_states(folder, waveform, sample_mask)
   for i, n in enumerate(LENGTHS):

@@ -127,19 +127,31 @@ class StridedConv(nn.Module):
 
 
 class ChannelGroupNorm(nn.Module):
-  """GroupNorm with one group per channel over [batch, time, channels]: each channel normalised over time."""
+  """GroupNorm with one group per channel over [batch, time, channels]: each channel normalised over time; with
+  `mask` [batch, time], over the valid frames only (so that a padded clip is normalised as it is alone)."""
   epsilon: float = PYTORCH_NORM_EPS
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     channels = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (channels,))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=1, keepdims=True)
+    weight = jnp.ones(x.shape[:2] + (1,), jnp.float32) if mask is None else mask[..., None].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(weight, axis=1, keepdims=True), 1.0)
+    mean = jnp.sum(x32 * weight, axis=1, keepdims=True) / count
+    var = jnp.sum(jnp.square(x32 - mean) * weight, axis=1, keepdims=True) / count
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     return y.astype(x.dtype)
+
+
+def valid_frames(config, num_samples, layers=None):
+  """Frames left after the first `layers` feature-encoder convolutions (all by default) of clips of
+  `num_samples` samples (a traced integer array is fine); 0 where too short."""
+  frames = num_samples
+  for kernel, stride in list(zip(config.conv_kernel, config.conv_stride))[:layers]:
+    frames = jnp.maximum((frames - kernel) // stride + 1, 0)
+  return frames
 
 
 def _layer_norm(eps, name):
@@ -154,13 +166,13 @@ class ConvLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, frame_mask=None):
     c, i = self.config, self.index
     x = StridedConv(c.conv_dim[i], c.conv_kernel[i], c.conv_stride[i], c.conv_bias, self.dtype, name="conv")(x)
     if c.feat_extract_norm == "layer":
       x = _layer_norm(PYTORCH_NORM_EPS, "layer_norm")(x).astype(self.dtype)
     elif c.feat_extract_norm == "group" and i == 0:
-      x = ChannelGroupNorm(name="layer_norm")(x)
+      x = ChannelGroupNorm(name="layer_norm")(x, frame_mask)
     return _activation(c.feat_extract_activation)(x)
 
 
@@ -169,11 +181,16 @@ class FeatureEncoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, waveform):
-    """[batch, samples] float -> [batch, frames, conv_dim[-1]]."""
+  def __call__(self, waveform, num_samples=None):
+    """[batch, samples] float -> [batch, frames, conv_dim[-1]]. With `num_samples` [batch] (valid samples per
+    row), the first layer's GroupNorm counts each row's valid frames only."""
     x = waveform[..., None].astype(self.dtype)
     for i in range(len(self.config.conv_dim)):
-      x = ConvLayer(self.config, i, self.dtype, name=f"conv_layers_{i}")(x)
+      mask = None
+      if i == 0 and num_samples is not None:
+        mask = jnp.arange(valid_frames(self.config, x.shape[1], 1))[None, :] < valid_frames(
+            self.config, num_samples, 1)[:, None]
+      x = ConvLayer(self.config, i, self.dtype, name=f"conv_layers_{i}")(x, mask)
     return x
 
 
@@ -352,8 +369,10 @@ class SpeechEncoder(nn.Module):
   `frame_mask` [batch, frames] bool (all True without `sample_mask`); `features` [batch, frames, conv_dim[-1]].
 
   `sample_mask` [batch, samples] marks the valid samples of a zero-padded batch (a prefix per row): frames past a
-  clip's end are zeroed before the positional convolution and left out of every attention. Group-norm models
-  normalise over the padded length all the same (as in PyTorch), so batch them by length.
+  clip's end are left out of the first layer's GroupNorm statistics (group-norm models), zeroed before the
+  positional convolution and left out of every attention, so that each clip's valid frames are what the clip alone
+  gives. (PyTorch's group-norm models normalise over the padded length even with an attention mask; without a
+  mask, this module does the same.)
   `time_mask` [batch, frames] bool replaces those frames with the learned `masked_spec_embed` (fine-tuning's
   time masking). `remat` recomputes each transformer layer in the backward pass; `freeze_feature_encoder` stops
   gradients at the feature encoder's output (its activations are then not kept for a backward pass: on 3 s clips
@@ -367,15 +386,13 @@ class SpeechEncoder(nn.Module):
   @nn.compact
   def __call__(self, waveform, sample_mask=None, time_mask=None, deterministic=True):
     c = self.config
-    features = FeatureEncoder(c, self.dtype, name="feature_extractor")(waveform)
+    num_samples = None if sample_mask is None else jnp.sum(sample_mask.astype(jnp.int32), axis=1)
+    features = FeatureEncoder(c, self.dtype, name="feature_extractor")(waveform, num_samples)
     if self.freeze_feature_encoder:
       features = jax.lax.stop_gradient(features)
     frame_mask = None
     if sample_mask is not None:
-      lengths = jnp.sum(sample_mask.astype(jnp.int32), axis=1)
-      for kernel, stride in zip(c.conv_kernel, c.conv_stride):
-        lengths = jnp.maximum((lengths - kernel) // stride + 1, 0)
-      frame_mask = jnp.arange(features.shape[1])[None, :] < lengths[:, None]
+      frame_mask = jnp.arange(features.shape[1])[None, :] < valid_frames(c, num_samples)[:, None]
     x = FeatureProjection(c, self.dtype, name="feature_projection")(features, deterministic)
     if c.masked_spec_embed:
       embed = self.param("masked_spec_embed", nn.initializers.uniform(1.0), (c.hidden_size,))
