@@ -8,6 +8,8 @@ Variants (combine with ','):
   :model=emo18      End2You's end-to-end CNN-LSTM on the raw waveform: batch 8, lr 1e-4, 30 epochs, best epoch by
                     validation
   :egemaps          (mlp) eGeMAPS functionals instead of ComParE; :boaw=N bag-of-audio-words
+  :ssl              (mlp) frozen speech-encoder embeddings (--config.encoder.checkpoint=FOLDER; without one, a
+                    small UNTRAINED random encoder that only exercises the path)
   :release          (mlp) read the features from the release's features/ (or feats/) instead of extracting them
   :uncertainty      (mlp, with :all) learned uncertainty weighting of the task losses
   :seeds=K          (mlp) number of seeds (Emo18 trains one, as End2You's recipe)
@@ -23,10 +25,10 @@ TASKS = ("high", "two", "culture", "type")
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False, model="mlp", all=False, egemaps=False, boaw=0, release=False,
-                         uncertainty=False, seeds=5, **{t: False for t in TASKS})
-  if arg.model == "emo18" and (arg.egemaps or arg.boaw or arg.release or arg.uncertainty):
-    raise ValueError("config variants egemaps, boaw, release and uncertainty belong to model=mlp (the feature MLP); "
-                     "model=emo18 reads the raw waveform")
+                         uncertainty=False, seeds=5, ssl=False, **{t: False for t in TASKS})
+  if arg.model == "emo18" and (arg.egemaps or arg.boaw or arg.release or arg.uncertainty or arg.ssl):
+    raise ValueError("config variants egemaps, boaw, ssl, release and uncertainty belong to model=mlp (the feature "
+                     "MLP); model=emo18 reads the raw waveform")
   config = common.get_config()
   config.task = "avb"
   config.data.demo_layout = "avb"
@@ -44,6 +46,9 @@ def get_config(arg=None):
   # The feature MLP (model=mlp): the MultiTask recipe.
   config.features = common.ml_collections.ConfigDict()
   config.features.sets = ("egemaps",) if arg.egemaps else ("boaw",) if arg.boaw else ("compare",)
+  if arg.ssl:  # frozen speech-encoder embeddings (config.encoder says which encoder and layer)
+    config.features.sets = ("ssl",)
+  config.encoder = common.encoder_config()
   config.features.from_release = arg.release
   config.features.boaw_words = arg.boaw or 500
   config.features.boaw_kmeans_iterations = 0
@@ -66,7 +71,7 @@ def get_config(arg=None):
 
   if arg.smoke:
     config.data.demo_size = "tiny"
-    config.features.sets = ("egemaps",) if not (arg.boaw or arg.release) else config.features.sets
+    config.features.sets = ("egemaps",) if not (arg.boaw or arg.release or arg.ssl) else config.features.sets
     config.num_seeds = 2
     config.num_epochs = 2 if arg.model == "mlp" else 1
     config.hidden = 32

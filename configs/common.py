@@ -58,3 +58,18 @@ def get_config():
   config.data.strict = False  # any reported bad input fails the run instead of skipping the clip
   config.data.workers = 0  # grain worker processes
   return config
+
+
+def encoder_config():
+  """The speech encoder of the `ssl` feature set (frozen embeddings; exvo_jax/features/ssl_embeddings.py)."""
+  encoder = ml_collections.ConfigDict()
+  # A Hugging Face model folder (config.json + model.safetensors or pytorch_model.bin) of wav2vec2, HuBERT or
+  # WavLM. Empty: a small randomly initialised encoder, untrained: it exercises the path, it is not a result.
+  encoder.checkpoint = ""
+  # Which hidden state the MLP reads: 'weighted' (a learned softmax-weighted sum over every layer, the standard
+  # frozen-encoder recipe), 'last', or a layer number (0 = the first transformer layer's input, i = layer i's output).
+  encoder.layer = "weighted"
+  encoder.pooling = "mean"  # over a clip's frames: 'mean', or 'mean_std' (mean, then standard deviation)
+  encoder.batch_size = 8  # clips per extraction batch
+  encoder.seed = 0  # initialisation of the random encoder (no checkpoint)
+  return encoder

@@ -6,6 +6,9 @@ Variants (combine with ','):
   :boaw=N           bag-of-audio-words over ComParE LLDs, N in 125, 250, 500, 1000, 2000
   :deepspectrum     DeepSpectrum (4,096), read from the release's feats/ (not extractable offline)
   :fusion=A+B       concatenation of feature sets, e.g. fusion=compare+egemaps
+  :ssl              frozen speech-encoder embeddings, by default a learned weighted sum over the layers
+                    (--config.encoder.checkpoint=FOLDER, a Hugging Face wav2vec2 / HuBERT / WavLM folder; without
+                    one, a small UNTRAINED random encoder that only exercises the path)
   :release          read the feature set from the release's feats/ instead of extracting it
   :uncertainty      learned uncertainty weighting of the three losses instead of their sum
   :seeds=K          number of seeds (default 5)
@@ -21,7 +24,7 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False, egemaps=False, boaw=0, deepspectrum=False, fusion="", release=False,
-                         uncertainty=False, seeds=5, emogator=False)
+                         uncertainty=False, seeds=5, emogator=False, ssl=False)
   config = common.get_config()
   config.task = "multitask"
 
@@ -40,6 +43,9 @@ def get_config(arg=None):
     config.features.sets = ("deepspectrum",)
   if arg.fusion:
     config.features.sets = tuple(arg.fusion.split("+"))
+  if arg.ssl:  # frozen speech-encoder embeddings (config.encoder says which encoder and layer)
+    config.features.sets = ("ssl",)
+  config.encoder = common.encoder_config()
 
   config.learning_rate = 1e-3
   config.batch_size = 8
@@ -60,7 +66,8 @@ def get_config(arg=None):
     config.data.root = os.environ.get("EXVO_EMOGATOR", "../shared/data/emogator")
   if arg.smoke:
     config.data.demo_size = "tiny"
-    config.features.sets = ("egemaps",) if not (arg.boaw or arg.fusion or arg.release) else config.features.sets
+    config.features.sets = (("egemaps",) if not (arg.boaw or arg.fusion or arg.release or arg.ssl)
+                            else config.features.sets)
     config.num_seeds = 2
     config.num_epochs = 2
   return config

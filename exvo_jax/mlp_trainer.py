@@ -26,8 +26,10 @@ from exvo_jax import targets
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import pipeline
+from exvo_jax.features import ssl_embeddings
 from exvo_jax.features import tables as tables_lib
 from exvo_jax.models import mlp
+from exvo_jax.models import ssl_checkpoint
 SPLITS = ("train", "validation", "test")
 
 
@@ -59,18 +61,64 @@ def load_tables(config, root, workdir, log=print):
       builder, _ = builders.prepare("hume_vb", root, config="audio", data_dir=config.data.tfds_dir or None,
                                     strict=config.data.strict)
       audio_sources = {s: builders.data_source(builder, s) for s in SPLITS}
-    processes = features.processes or None
-    # Process 0 extracts into the shared feature cache first; the other processes then read it.
-    if name == "boaw":
-      codebook = os.path.join(workdir, f"codebook{features.boaw_words}.npz") if writers.is_writer() else None
-      per_set.append(runtime.process_zero_first(lambda: tables_lib.bag_of_audio_words(
-          audio_sources, features.boaw_words, feature_cache, seed=config.seed,
-          kmeans_iterations=features.boaw_kmeans_iterations, num_assignments=features.boaw_assignments,
-          processes=processes, log=log, codebook_path=codebook), "bag-of-audio-words"))
-    elif name in ("compare", "egemaps"):
-      per_set.append(runtime.process_zero_first(lambda: tables_lib.from_audio(  # pylint: disable=cell-var-from-loop
-          audio_sources, name, feature_cache, processes=processes, log=log), f"{name} features"))
+    per_set.append(audio_feature_tables(config, name, audio_sources, feature_cache, workdir, log))
   return {s: tables_lib.fuse([t[s] for t in per_set]) for s in SPLITS}
+
+
+def audio_feature_tables(config, name, audio_sources, feature_cache, workdir, log=print):
+  """{split: SplitTable} of one feature set computed from audio records {split: source} ('train' among them):
+  openSMILE functionals, bag-of-audio-words or encoder embeddings, through the corpus's feature cache. Process 0
+  extracts into the shared cache first; the other processes then read it."""
+  features = config.features
+  processes = features.processes or None
+  if name == "boaw":
+    codebook = os.path.join(workdir, f"codebook{features.boaw_words}.npz") if writers.is_writer() else None
+    return runtime.process_zero_first(lambda: tables_lib.bag_of_audio_words(
+        audio_sources, features.boaw_words, feature_cache, seed=config.seed,
+        kmeans_iterations=features.boaw_kmeans_iterations, num_assignments=features.boaw_assignments,
+        processes=processes, log=log, codebook_path=codebook), "bag-of-audio-words")
+  if name == "ssl":
+    enc = config.encoder
+    encoder = ssl_embeddings.load_encoder(enc.checkpoint, enc.seed, log=log)
+    cache = ssl_embeddings.cache_folder(feature_cache, encoder, enc.pooling)
+    layer = encoder_layer(config, encoder.config)
+    return runtime.process_zero_first(lambda: tables_lib.from_encoder(
+        audio_sources, encoder, cache, layer=layer, pooling=enc.pooling, batch_size=enc.batch_size, log=log),
+        "encoder embeddings")
+  return runtime.process_zero_first(lambda: tables_lib.from_audio(
+      audio_sources, name, feature_cache, processes=processes, log=log), f"{name} features")
+
+
+def encoder_summary(config):
+  """{'encoder': what metrics.json records of it} when its embeddings are used, else {} (other runs' metrics.json
+  stay as they were)."""
+  if "ssl" not in config.features.sets:
+    return {}
+  return {"encoder": {"checkpoint": config.encoder.checkpoint or None, "untrained": not config.encoder.checkpoint,
+                      "layer": str(config.encoder.layer), "pooling": config.encoder.pooling,
+                      **({"seed": config.encoder.seed} if not config.encoder.checkpoint else {})}}
+
+
+def encoder_config(config):
+  """The EncoderConfig of `config.encoder` (the checkpoint's config.json, or the random encoder's), read cheaply."""
+  if config.encoder.checkpoint:
+    return ssl_checkpoint.read_config(config.encoder.checkpoint)
+  return ssl_embeddings.RANDOM_ENCODER
+
+
+def encoder_layer(config, encoder):
+  """The hidden state the MLP reads: its index, or None for all of them (the learned weighted sum)."""
+  layer = str(config.encoder.layer)
+  if layer == "weighted":
+    return None
+  return encoder.num_hidden_layers if layer == "last" else int(layer)
+
+
+def input_layers(config):
+  """How many layers the MLP's input holds: the encoder's hidden states for the weighted sum, else 1."""
+  if "ssl" in config.features.sets and str(config.encoder.layer) == "weighted":
+    return encoder_config(config).num_hidden_layers + 1
+  return 1
 
 
 def standardiser(train_features):
@@ -126,11 +174,13 @@ def _head(target):
   return target.name, target.num_outputs, kind
 
 
-def targets_objective(names, score_fn, select, *, weights=None, uncertainty=False, age_bias=0.0, describe=None):
+def targets_objective(names, score_fn, select, *, weights=None, uncertainty=False, age_bias=0.0, describe=None,
+                      layers=1):
   """One head per target on the shared trunk; the loss is the weighted (or uncertainty-weighted) sum of the
-  targets' own losses. `score_fn` and `select` say how a run is scored and which metric picks its best epoch."""
+  targets' own losses. `score_fn` and `select` say how a run is scored and which metric picks its best epoch.
+  `layers` > 1: the features are that many layers' embeddings, combined by a learned softmax-weighted sum."""
   chosen = [targets.get(n) for n in names]
-  model = mlp.MultiTaskMLP(heads=tuple(_head(t) for t in chosen), age_bias_init=age_bias)
+  model = mlp.MultiTaskMLP(heads=tuple(_head(t) for t in chosen), age_bias_init=age_bias, layers=layers)
 
   def loss(outputs, batch, params):
     parts = losses(outputs, batch, names)
@@ -254,7 +304,7 @@ def prepare_tables(config, workdir, tables):
 # ---------------------------------------------------------------------------------------------------------------
 # Config checks and stage records.
 
-FEATURE_SETS = ("compare", "egemaps", "boaw", "deepspectrum")
+FEATURE_SETS = ("compare", "egemaps", "boaw", "deepspectrum", "ssl")
 
 
 # Keys of a config that shape one seed's MLP, when the config has them (MultiTask's; A-VB adds its tasks and weights).
@@ -263,9 +313,13 @@ SEED_RECORD_KEYS = ("features", "learning_rate", "batch_size", "patience", "unce
 
 
 def seed_record(config, seed):
-  """The configuration that shapes the MLP of one seed."""
+  """The configuration that shapes the MLP of one seed (the encoder's settings only when its embeddings are used,
+  so that the records of other feature sets are as before)."""
+  keys = [k for k in SEED_RECORD_KEYS if k in config]
+  if "ssl" in config.features.sets:
+    keys.append("encoder")
   return {**stages.data_record(config), "seed": seed,
-          **stages.pick(config, [k for k in SEED_RECORD_KEYS if k in config], exclude=("features.processes",))}
+          **stages.pick(config, keys, exclude=("features.processes", "encoder.batch_size"))}
 
 
 def checkpointed_stages(config, workdir):
@@ -275,7 +329,27 @@ def checkpointed_stages(config, workdir):
 
 
 def check_features(config, allowed=FEATURE_SETS):
-  """The feature sets are among `allowed`, and there is at least one."""
+  """The feature sets are among `allowed`, and there is at least one; the encoder's settings, with its
+  checkpoint's config.json read (not its weights), when its embeddings are used."""
   config_check.subset(config, "features.sets", allowed)
   if not config.features.sets:
     raise config_check.ConfigError(f"--config.features.sets is empty; choose from {', '.join(allowed)}")
+  if "ssl" not in config.features.sets:
+    return
+  config_check.choice(config, "encoder.pooling", ssl_embeddings.POOLINGS)
+  try:
+    encoder = encoder_config(config)
+  except ssl_checkpoint.CheckpointError as error:
+    raise config_check.ConfigError(f"--config.encoder.checkpoint: {error}") from None
+  layers = encoder.num_hidden_layers
+  layer = str(config.encoder.layer)
+  if layer not in ("weighted", "last") and not (layer.lstrip("-").isdigit() and 0 <= int(layer) <= layers):
+    raise config_check.ConfigError(
+        f"--config.encoder.layer={config.encoder.layer!r}: expected 'weighted', 'last' or a layer number 0..{layers} "
+        f"(0 is the first transformer layer's input; this encoder has {layers} layers)")
+  if layer == "weighted" and tuple(config.features.sets) != ("ssl",):
+    raise config_check.ConfigError(
+        f"--config.encoder.layer=weighted reads the encoder's layers alone; --config.features.sets is "
+        f"{tuple(config.features.sets)}: use one layer (--config.encoder.layer=last or a number) to fuse sets")
+  if config.encoder.batch_size < 1:
+    raise config_check.ConfigError(f"--config.encoder.batch_size={config.encoder.batch_size}: expected >= 1")

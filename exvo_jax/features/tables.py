@@ -13,6 +13,7 @@ from exvo_jax.data import pipeline
 from exvo_jax.data import schema
 from exvo_jax.features import boaw as boaw_lib
 from exvo_jax.features import opensmile as opensmile_lib
+from exvo_jax.features import ssl_embeddings
 
 
 @dataclasses.dataclass
@@ -87,6 +88,34 @@ def from_release(sources):
   return {split: _table(list(records), [r["features"] for r in records]) for split, records in sources.items()}
 
 
+def _located_records(sources):
+  """({split: records without audio}, {stem: (split, row)}, {stem: num_samples}) from the splits' metadata,
+  without decoding any audio."""
+  located, records, lengths = {}, {}, {}
+  for split, source in sources.items():
+    columns = pipeline.metadata(source)
+    samples = columns.pop("num_samples", None)
+    records[split] = [{k: v[i] for k, v in columns.items()} for i in range(len(source))]
+    for i, record in enumerate(records[split]):
+      located[_stem(record)] = (split, i)
+      if samples is not None:
+        lengths[_stem(record)] = int(samples[i])
+  return records, located, lengths
+
+
+def from_encoder(sources, encoder, cache_dir, *, layer, pooling="mean", batch_size=8, log=print):
+  """Tables of frozen speech-encoder embeddings ({split: audio records}): `layer` picks one hidden state
+  ([N, P]); None keeps them all, flattened layer by layer ([N, (layers + 1) * P], for the MLP's weighted sum).
+  P is the hidden size, doubled with pooling 'mean_std'."""
+  records, located, lengths = _located_records(sources)
+  stems = list(located)
+  values, _ = ssl_embeddings.extract(
+      stems, [lengths[s] for s in stems], lambda stem: sources[located[stem][0]][located[stem][1]]["audio"],
+      encoder, cache_dir, pooling=pooling, batch_size=batch_size, log=log)
+  pick = (lambda v: v.reshape(-1)) if layer is None else (lambda v: v[layer])
+  return {split: _table(records[split], [pick(values[_stem(r)]) for r in records[split]]) for split in sources}
+
+
 def _clip_features(sources, feature_set, cache_dir, processes, log, load=True):
   """{split: (records without audio, features per clip)}, extracting (or loading) one openSMILE set.
 
@@ -94,13 +123,7 @@ def _clip_features(sources, feature_set, cache_dir, processes, log, load=True):
   features are an `opensmile.CachedFeatures` that reads a clip's file on access (frame-level descriptors of a
   full-size corpus do not fit in memory).
   """
-  located, records = {}, {}
-  for split, source in sources.items():
-    columns = pipeline.metadata(source)  # ids and labels without decoding any audio
-    columns.pop("num_samples", None)
-    records[split] = [{k: v[i] for k, v in columns.items()} for i in range(len(source))]
-    for i, record in enumerate(records[split]):
-      located[_stem(record)] = (split, i)
+  records, located, _ = _located_records(sources)  # ids and labels without decoding any audio
   values = opensmile_lib.extract(located, lambda stem: sources[located[stem][0]][located[stem][1]]["audio"],
                                  feature_set, pathlib.Path(cache_dir) / feature_set, processes=processes, log=log,
                                  load=load)

@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 # (name, outputs, kind): kind 'sigmoid' -> intensities in (0, 1); 'scalar' -> [B] linear; 'linear' or 'logits' ->
 # [B, k] as they are. exvo_jax/tasks/multitask.py builds the heads from targets (exvo_jax/targets.py).
@@ -17,6 +18,8 @@ class MultiTaskMLP(nn.Module):
 
   Input [B, D] standardised features. Output: a dict with one entry per head; with the default ExVo heads,
   `emotions` [B, 10] in (0, 1) (sigmoid), `age` [B] in years (linear), `country` [B, 4] logits.
+  With `layers` > 1 the input is that many equal blocks, one per encoder layer ([B, layers * P]), first combined
+  by a softmax-weighted sum with learned weights (`layer_weights`, starting equal): the frozen-encoder recipe.
   """
   heads: tuple[tuple[str, int, str], ...] = EXVO_HEADS
   trunk: tuple[int, ...] = (128, 64)
@@ -24,10 +27,14 @@ class MultiTaskMLP(nn.Module):
   # Starting the age output at the training mean (years) instead of 0 spares hundreds of steps of bias drift on
   # small corpora; 0.0 reproduces the reference initialisation.
   age_bias_init: float = 0.0
+  layers: int = 1
 
   @nn.compact
   def __call__(self, features):
     h = features
+    if self.layers > 1:
+      weights = jax.nn.softmax(self.param("layer_weights", nn.initializers.zeros, (self.layers,)))
+      h = jnp.einsum("l,blp->bp", weights, h.reshape(h.shape[0], self.layers, -1))
     for width in self.trunk:
       h = _leaky(nn.LayerNorm()(nn.Dense(width)(h)))
     outputs = {}

@@ -148,9 +148,10 @@ class ChannelGroupNorm(nn.Module):
 def valid_frames(config, num_samples, layers=None):
   """Frames left after the first `layers` feature-encoder convolutions (all by default) of clips of
   `num_samples` samples (a traced integer array is fine); 0 where too short."""
+  maximum = max if isinstance(num_samples, int) else jnp.maximum  # a static shape stays a Python int
   frames = num_samples
   for kernel, stride in list(zip(config.conv_kernel, config.conv_stride))[:layers]:
-    frames = jnp.maximum((frames - kernel) // stride + 1, 0)
+    frames = maximum((frames - kernel) // stride + 1, 0)
   return frames
 
 

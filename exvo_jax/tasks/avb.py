@@ -47,7 +47,7 @@ from exvo_jax.models import emo18
 TASKS = {"high": ("avb_high", "High"), "two": ("avb_two", "Two"), "culture": ("avb_culture", "Culture"),
          "type": ("avb_type", "Type")}
 MODELS = ("mlp", "emo18")
-FEATURE_SETS = ("compare", "egemaps", "boaw")
+FEATURE_SETS = ("compare", "egemaps", "boaw", "ssl")
 SPLITS = ("train", "validation", "test")
 
 # The organisers' published Test scores (A-VB 2022 baseline paper; docs/hume_vb.md sections 2 and 3): the rows of
@@ -218,7 +218,8 @@ def run_mlp(config, workdir, root, joint):
       [t.name for t in joint.members],
       lambda predictions, table: joint.score(_stack(joint, predictions), _table_labels(joint, table)),
       joint.metric, weights=joint.weights if config.loss_weights else None,
-      uncertainty=config.uncertainty_weighting, describe=lambda scores: describe(joint, scores))
+      uncertainty=config.uncertainty_weighting, describe=lambda scores: describe(joint, scores),
+      layers=mlp_trainer.input_layers(config))
   runs = mlp_trainer.train_seeds(config, objective, tables, workdir, mesh)
   best = int(np.argmax([r[0]["val"][joint.metric] for r in runs]))
   _, params, predict_fn = runs[best]
@@ -271,7 +272,8 @@ def run(config, workdir):
   val_labels = trained.labels["validation"]
   result = {
       "model": config.model, "tasks": list(config.tasks), "split": "validation",
-      **({"features": list(config.features.sets)} if config.model == "mlp" else {}),
+      **({"features": list(config.features.sets), **mlp_trainer.encoder_summary(config)}
+         if config.model == "mlp" else {}),
       "val_scores": task_scores(config, mean), "seeds": trained.seeds, "mean": mean,
       "std": {k: float(v.std()) for k, v in values.items()},
       "floor": joint.score(floor_predictions(joint, trained.labels["train"], len(val_labels)), val_labels),

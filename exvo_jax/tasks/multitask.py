@@ -16,7 +16,6 @@ import numpy as np
 from exvo_jax import config_check
 from exvo_jax import metrics
 from exvo_jax import mlp_trainer
-from exvo_jax import runtime
 from exvo_jax import targets
 from exvo_jax import writers
 from exvo_jax.data import builders
@@ -31,14 +30,15 @@ EXVO_TARGETS = ("emotions", "age", "country")
 def exvo_objective(config, train):
   """The ExVo-MultiTask objective: emotions + age + country, selected on S_MTL."""
   return mlp_trainer.targets_objective(EXVO_TARGETS, score, "s_mtl", uncertainty=config.uncertainty_weighting,
-                           age_bias=float(np.nanmean(train.age)) if config.age_bias_at_mean else 0.0)
+                           age_bias=float(np.nanmean(train.age)) if config.age_bias_at_mean else 0.0,
+                           layers=mlp_trainer.input_layers(config))
 
 
-def category_objective():
+def category_objective(config):
   """EmoGator's categories on the same trunk, selected on UAR."""
   category = targets.get("category")
   return mlp_trainer.targets_objective(("category",), lambda predictions, table: category.score(
-      predictions["category"], table.category), "uar")
+      predictions["category"], table.category), "uar", layers=mlp_trainer.input_layers(config))
 
 
 def score(predictions, table):
@@ -132,7 +132,8 @@ def run(config, workdir):
   write_submission(submission, tables["test"], mlp_trainer.predict(predict_fn, params, tables["test"], eval_batch))
   reference = score(mean_predictor(train, len(tables["validation"])), tables["validation"])
   result = {
-      "features": list(config.features.sets), "dims": dims, "split": "validation", "seeds": seeds,
+      "features": list(config.features.sets), **mlp_trainer.encoder_summary(config), "dims": dims,
+      "split": "validation", "seeds": seeds,
       **summary, "train_mean_predictor": reference,
       "submission": os.path.basename(submission), "submission_seed": seeds[best]["seed"],
   }
@@ -151,17 +152,17 @@ def run_categories(config, workdir, root):
   builder, _ = builders.prepare("emogator", root, data_dir=config.data.tfds_dir or None, strict=config.data.strict)
   sources = {"train": builders.data_source(builder, "train"), "validation": builders.data_source(builder, "val")}
   feature_cache = builders.cache_dir() / "features" / builders.corpus_key(root)
-  per_set = [runtime.process_zero_first(lambda: tables_lib.from_audio(  # pylint: disable=cell-var-from-loop
-      sources, name, feature_cache, processes=config.features.processes or None), f"{name} features")
+  per_set = [mlp_trainer.audio_feature_tables(config, name, sources, feature_cache, workdir)
              for name in config.features.sets]
   tables = {s: tables_lib.fuse([t[s] for t in per_set]) for s in sources}
   tables, mesh = mlp_trainer.prepare_tables(config, workdir, tables)
   num_categories = len(emogator_lib.CATEGORIES)
   print(f"categories on {'+'.join(config.features.sets)} ({tables['train'].features.shape[1]} dims): "
         f"{len(tables['train'])} train, {len(tables['validation'])} val clips, {num_categories} categories")
-  runs = mlp_trainer.train_seeds(config, category_objective(), tables, workdir, mesh)
+  runs = mlp_trainer.train_seeds(config, category_objective(config), tables, workdir, mesh)
   seeds = [r[0] for r in runs]
-  result = {"features": list(config.features.sets), "dims": int(tables["train"].features.shape[1]),
+  result = {"features": list(config.features.sets), **mlp_trainer.encoder_summary(config),
+            "dims": int(tables["train"].features.shape[1]),
             "split": "validation", "seeds": seeds, **_summary(seeds, ("uar",)), "chance_uar": 1 / num_categories}
   writers.write_json(os.path.join(workdir, "metrics.json"), result)
   print(f"val UAR {result['mean']['uar']:.3f} +- {result['std']['uar']:.3f} (chance {1 / num_categories:.3f})")
