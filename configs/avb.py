@@ -47,6 +47,9 @@ def get_config(arg=None):
   config.features = common.ml_collections.ConfigDict()
   config.features.sets = ("egemaps",) if arg.egemaps else ("boaw",) if arg.boaw else ("compare",)
   if arg.ssl:  # frozen speech-encoder embeddings (config.encoder says which encoder and layer)
+    if arg.egemaps or arg.boaw or arg.release:
+      raise ValueError("config variant ssl chooses the feature set; it does not combine with another set's variant "
+                       "(to fuse sets: --config.features.sets and --config.encoder.layer=last)")
     config.features.sets = ("ssl",)
   config.encoder = common.encoder_config()
   config.features.from_release = arg.release

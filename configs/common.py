@@ -67,7 +67,8 @@ def encoder_config():
   # WavLM. Empty: a small randomly initialised encoder, untrained: it exercises the path, it is not a result.
   encoder.checkpoint = ""
   # Which hidden state the MLP reads: 'weighted' (a learned softmax-weighted sum over every layer, the standard
-  # frozen-encoder recipe), 'last', or a layer number (0 = the first transformer layer's input, i = layer i's output).
+  # frozen-encoder recipe), 'last', or a layer number (0 = the first transformer layer's input, i = layer i's output;
+  # for pre-LN models the last one is before the final LayerNorm, as transformers 5.x's hidden_states[-1]).
   encoder.layer = "weighted"
   encoder.pooling = "mean"  # over a clip's frames: 'mean', or 'mean_std' (mean, then standard deviation)
   encoder.batch_size = 8  # clips per extraction batch

@@ -44,6 +44,9 @@ def get_config(arg=None):
   if arg.fusion:
     config.features.sets = tuple(arg.fusion.split("+"))
   if arg.ssl:  # frozen speech-encoder embeddings (config.encoder says which encoder and layer)
+    if arg.egemaps or arg.boaw or arg.deepspectrum or arg.fusion or arg.release:
+      raise ValueError("config variant ssl chooses the feature set; it does not combine with another set's variant "
+                       "(to fuse sets: --config.features.sets and --config.encoder.layer=last)")
     config.features.sets = ("ssl",)
   config.encoder = common.encoder_config()
 

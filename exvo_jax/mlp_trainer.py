@@ -8,7 +8,9 @@ dataclass: both tasks' configs share them.
 """
 
 import dataclasses
+import hashlib
 import os
+import pathlib
 from typing import Callable
 
 import jax
@@ -313,13 +315,28 @@ SEED_RECORD_KEYS = ("features", "learning_rate", "batch_size", "patience", "unce
 
 
 def seed_record(config, seed):
-  """The configuration that shapes the MLP of one seed (the encoder's settings only when its embeddings are used,
-  so that the records of other feature sets are as before)."""
+  """The configuration that shapes the MLP of one seed. With the encoder's embeddings, its settings too, and the
+  checkpoint as what identifies its weights (`encoder_fingerprint`) rather than its path; the records of other
+  feature sets are as before."""
   keys = [k for k in SEED_RECORD_KEYS if k in config]
+  exclude = ["features.processes"]
+  record = {}
   if "ssl" in config.features.sets:
     keys.append("encoder")
-  return {**stages.data_record(config), "seed": seed,
-          **stages.pick(config, keys, exclude=("features.processes", "encoder.batch_size"))}
+    exclude += ["encoder.batch_size", "encoder.checkpoint"] + (["encoder.seed"] if config.encoder.checkpoint else [])
+    record["encoder.weights"] = encoder_fingerprint(config.encoder.checkpoint)
+  return {**stages.data_record(config), "seed": seed, **stages.pick(config, keys, exclude=exclude), **record}
+
+
+def encoder_fingerprint(checkpoint):
+  """What identifies a checkpoint's weights without reading them: a hash of its config.json and of each weight
+  file's name and size ('random' without a checkpoint)."""
+  if not checkpoint:
+    return "random"
+  digest = hashlib.sha256(pathlib.Path(checkpoint, ssl_checkpoint.CONFIG_FILE).read_bytes())
+  for path in ssl_checkpoint.weight_files(checkpoint):
+    digest.update(f"{path.name}:{path.stat().st_size}".encode())
+  return digest.hexdigest()[:16]
 
 
 def checkpointed_stages(config, workdir):
@@ -336,9 +353,14 @@ def check_features(config, allowed=FEATURE_SETS):
     raise config_check.ConfigError(f"--config.features.sets is empty; choose from {', '.join(allowed)}")
   if "ssl" not in config.features.sets:
     return
+  if config.features.from_release:
+    raise config_check.ConfigError("--config.features.from_release=True reads the release's feats/, which hold no "
+                                   "encoder embeddings; the ssl set is computed from the audio: leave it False")
   config_check.choice(config, "encoder.pooling", ssl_embeddings.POOLINGS)
   try:
     encoder = encoder_config(config)
+    if config.encoder.checkpoint:
+      ssl_checkpoint.weight_files(config.encoder.checkpoint)  # present (read later, after the checks)
   except ssl_checkpoint.CheckpointError as error:
     raise config_check.ConfigError(f"--config.encoder.checkpoint: {error}") from None
   layers = encoder.num_hidden_layers

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,6 +55,16 @@ def _batch():
 def _save(tmp_path_factory, name, config_class, model_class, extra):
   torch.manual_seed(0)
   model = model_class(config_class(**TINY, **extra, attn_implementation="eager")).eval()
+  if model.config.model_type == "wavlm":
+    # At the default init (std 0.02) the gates sit near sigmoid(0) and the bias near 0, too small for a wrong gate
+    # or bucket to show at 1e-4: unit-scale values make the relative position bias shape every layer's output.
+    with torch.no_grad():
+      for layer in model.encoder.layers:
+        attention = layer.attention
+        attention.gru_rel_pos_linear.weight.normal_(0.0, 1.0)
+        attention.gru_rel_pos_linear.bias.normal_(0.0, 1.0)
+        attention.gru_rel_pos_const.uniform_(0.5, 2.0)
+      model.encoder.layers[0].attention.rel_attn_embed.weight.normal_(0.0, 1.0)
   folder = tmp_path_factory.mktemp(name)
   model.save_pretrained(folder)
   return model, folder
@@ -97,6 +108,14 @@ def test_every_hidden_state_matches_transformers_on_a_batch_of_different_lengths
     assert got.shape == want.shape
     np.testing.assert_allclose(got[frame_mask], want[frame_mask], atol=1e-4, rtol=0, err_msg=f"layer {layer}")
   np.testing.assert_allclose(last[frame_mask], expected_last[frame_mask], atol=1e-4, rtol=0)
+  if model.config.model_type == "wavlm":  # the position bias matters far beyond the tolerance
+    checkpoint = ssl_checkpoint.load(folder, log=lambda line: None)
+    params = jax.tree.map(lambda x: x, checkpoint.params)
+    params["encoder"]["layers_0"]["attention"]["rel_attn_embed"] = np.zeros_like(
+        params["encoder"]["layers_0"]["attention"]["rel_attn_embed"])
+    unbiased = ssl.SpeechEncoder(checkpoint.config).apply(
+        {"params": params}, jnp.asarray(waveform), None if sample_mask is None else jnp.asarray(sample_mask))
+    assert np.max(np.abs(np.asarray(unbiased["hidden_states"][1]) - hidden_states[1])[frame_mask]) > 1e-2
   if model.config.do_stable_layer_norm:  # transformers 5.x: hidden_states[-1] before the final LayerNorm
     assert np.max(np.abs(hidden_states[-1] - last)) > 1e-2
 
@@ -360,3 +379,26 @@ def test_the_check_command_loads_a_folder_and_reports_its_hidden_states(good, tm
   assert "1 s of audio -> 3 hidden states of shape [49, 32]" in out  # 16,000 samples: 49 frames, width 32
   assert ssl_checkpoint.main(["ssl_checkpoint", "--check", str(tmp_path / "nowhere")]) == 2
   assert "no such checkpoint folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 32, 4, 16), (3, 20, 12, 3, 7), (1, 9, 8, 1, 33)])
+def test_the_grouped_convolution_s_own_gradient_equals_autodiff_of_lax_conv(shape):
+  """The positional convolution's custom kernel gradient (windows, blocks of 16 taps) against JAX's autodiff of
+  lax.conv_general_dilated, for even and odd kernels, several groups, more taps than frames."""
+  batch, frames, channels, groups, kernel_size = shape
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, frames, channels)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, channels // groups, channels)).astype(np.float32))
+  cotangent = jnp.asarray(rng.normal(size=(batch, frames + 2 * (kernel_size // 2) - kernel_size + 1, channels)),
+                          jnp.float32)
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1,), [(kernel_size // 2,) * 2],
+                                        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
+
+  for fn in (reference, lambda x, k: ssl.grouped_conv(x, k, groups, kernel_size // 2)):
+    assert fn(x, kernel).shape == cotangent.shape
+  expected = jax.vjp(reference, x, kernel)[1](cotangent)
+  got = jax.vjp(lambda x, k: ssl.grouped_conv(x, k, groups, kernel_size // 2), x, kernel)[1](cotangent)
+  for name, a, b in zip(("input", "kernel"), got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))), err_msg=name)

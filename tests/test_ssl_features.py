@@ -184,3 +184,41 @@ def test_avb_on_encoder_embeddings_runs_through_main(tmp_path):
   result = json.loads((tmp_path / "metrics.json").read_text())
   assert "UNTRAINED" in done.stdout and "type" in json.dumps(result)
   assert list(tmp_path.glob("A-VB-Type_*.csv"))
+
+
+def test_seed_records_name_the_encoder_s_weights_only_when_its_embeddings_are_used(checkpoint, tmp_path):
+  """Other feature sets' records (and metrics.json's keys) are as before; with a checkpoint the record holds what
+  identifies its weights, not its path or the random encoder's seed."""
+  plain = multitask_config.get_config("egemaps")
+  assert not [k for k in mlp_trainer.seed_record(plain, 0) if k.startswith("encoder")]
+  assert mlp_trainer.encoder_summary(plain) == {}
+  _, folder = checkpoint
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    (copy / name).write_bytes((folder / name).read_bytes())
+  records = []
+  for path, seed in ((folder, 0), (copy, 5)):
+    config = multitask_config.get_config("ssl")
+    config.encoder.checkpoint, config.encoder.seed = str(path), seed
+    records.append(mlp_trainer.seed_record(config, 0))
+  assert records[0] == records[1]  # the same weights at another path, another (unused) seed
+  assert "encoder.checkpoint" not in records[0] and "encoder.seed" not in records[0]
+  (copy / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes() + b"\0" * 8)
+  config = multitask_config.get_config("ssl")
+  config.encoder.checkpoint = str(copy)
+  assert mlp_trainer.seed_record(config, 0)["encoder.weights"] != records[0]["encoder.weights"]
+  random = multitask_config.get_config("ssl")
+  assert mlp_trainer.seed_record(random, 0)["encoder.weights"] == "random"
+  assert mlp_trainer.seed_record(random, 0)["encoder.seed"] == 0
+
+
+def test_conflicting_variants_and_release_features_are_refused():
+  with pytest.raises(ValueError, match="config variant ssl chooses the feature set"):
+    multitask_config.get_config("ssl,egemaps")
+  with pytest.raises(ValueError, match="config variant ssl chooses the feature set"):
+    avb_config.get_config("ssl,boaw=500")
+  config = multitask_config.get_config("ssl")
+  config.features.from_release = True
+  with pytest.raises(config_check.ConfigError, match=r"from_release=True reads the release's feats/"):
+    mlp_trainer.check_features(config)

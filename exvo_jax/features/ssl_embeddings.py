@@ -119,8 +119,9 @@ def save_batch(cache, stems, pooled):
   """Writes each clip's embedding (rows of `pooled` in `stems`' order) to `<cache>/<stem>.npy`."""
   for stem, values in zip(stems, pooled):
     path = cache / f"{stem}.npy"
-    np.save(f"{path}.tmp.npy", values)
-    os.replace(f"{path}.tmp.npy", path)  # atomic: a cut-off run never leaves half a file under the final name
+    temporary = f"{path}.{os.getpid()}.tmp.npy"  # per process: two runs sharing a cache never clash
+    np.save(temporary, values)
+    os.replace(temporary, path)  # atomic: a cut-off run never leaves half a file under the final name
 
 
 def extract(stems, lengths, read, encoder: Encoder, cache_dir, *, pooling="mean", batch_size=8,

@@ -19,6 +19,7 @@ A folder holds `config.json` and the weights, `model.safetensors` or `pytorch_mo
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 import struct
@@ -117,9 +118,6 @@ def config_from_dict(raw: dict, source, normalize_waveform: bool = True) -> ssl.
   if config.hidden_size % config.num_conv_pos_embedding_groups:
     fail("hidden_size", f"{config.hidden_size} is not a multiple of num_conv_pos_embedding_groups "
                         f"{config.num_conv_pos_embedding_groups}")
-  if config.relative_position_bias and config.num_attention_heads * (
-      config.hidden_size // config.num_attention_heads) != config.hidden_size:
-    fail("num_attention_heads", "does not divide hidden_size")
   return config
 
 
@@ -143,7 +141,8 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     if name == "__metadata__":
       continue
     if entry["dtype"] not in dtypes:
-      raise CheckpointError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this reader does not know")
+      raise CheckpointError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this reader does not know; "
+                            f"save the weights as float32, float16 or bfloat16")
     start, end = entry["data_offsets"]
     dtype = np.dtype(dtypes[entry["dtype"]]).newbyteorder("<")
     if base + end > len(data) or end - start != dtype.itemsize * math.prod(entry["shape"]):
@@ -165,10 +164,12 @@ def write_safetensors(path, arrays: dict[str, np.ndarray]) -> None:
     blobs.append(blob)
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
-  with open(path, "wb") as f:
+  temporary = f"{path}.{os.getpid()}.tmp"
+  with open(temporary, "wb") as f:
     f.write(struct.pack("<Q", len(encoded)) + encoded)
     for blob in blobs:
       f.write(blob)
+  os.replace(temporary, path)  # atomic: an interrupted conversion never leaves a truncated file under the name
 
 
 def read_torch_bin(path) -> dict[str, np.ndarray]:
@@ -193,7 +194,10 @@ def weight_files(folder) -> list[pathlib.Path]:
       return [folder / name]
     index = folder / f"{name}.index.json"
     if index.is_file():
-      shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      except (json.JSONDecodeError, KeyError, AttributeError):
+        raise CheckpointError(f"{index}: not a shard index (JSON with a 'weight_map'); download it again") from None
       missing = [s for s in shards if not (folder / s).is_file()]
       if missing:
         raise CheckpointError(f"{index}: lists {', '.join(missing)}, not in the folder; download every shard")
@@ -301,6 +305,10 @@ def to_flax(state: dict[str, np.ndarray], config: ssl.EncoderConfig, source: str
 
 
 def _torch_shape(leaf, shape):
+  if leaf == "weight_g":
+    return [1, 1, *shape]
+  if leaf == "gru_rel_pos_const":
+    return [1, *shape, 1, 1]
   if leaf in ("kernel", "weight_v"):
     return list(reversed(shape)) if len(shape) == 3 else [shape[1], shape[0]]
   return list(shape)

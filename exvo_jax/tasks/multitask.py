@@ -106,7 +106,7 @@ def check_config(config):
   """Fails before any work on a value outside its choices."""
   mlp_trainer.check_features(config)
   if config.data.dataset == "emogator":
-    config_check.subset(config, "features.sets", ("compare", "egemaps"))
+    config_check.subset(config, "features.sets", ("compare", "egemaps", "ssl"))
 
 
 def run(config, workdir):
