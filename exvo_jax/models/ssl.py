@@ -98,10 +98,7 @@ class EncoderConfig:
 
   def num_frames(self, num_samples):
     """Frames the feature encoder makes of `num_samples` (int or integer array; 0 where too short)."""
-    frames = np.asarray(num_samples)
-    for kernel, stride in zip(self.conv_kernel, self.conv_stride):
-      frames = np.maximum((frames - kernel) // stride + 1, 0)
-    return frames if frames.ndim else int(frames)
+    return valid_frames(self, num_samples)
 
 
 def _activation(name):
@@ -148,8 +145,14 @@ class ChannelGroupNorm(nn.Module):
 
 def valid_frames(config, num_samples, layers=None):
   """Frames left after the first `layers` feature-encoder convolutions (all by default) of clips of
-  `num_samples` samples (a traced integer array is fine); 0 where too short."""
-  maximum = max if isinstance(num_samples, int) else jnp.maximum  # a static shape stays a Python int
+  `num_samples` samples (an int, a numpy array or a traced array, the result of the same kind); 0 where too
+  short."""
+  if isinstance(num_samples, (int, np.integer)):
+    num_samples, maximum = int(num_samples), max  # a static shape stays a Python int
+  elif isinstance(num_samples, np.ndarray):
+    maximum = np.maximum
+  else:
+    maximum = jnp.maximum
   frames = num_samples
   for kernel, stride in list(zip(config.conv_kernel, config.conv_stride))[:layers]:
     frames = maximum((frames - kernel) // stride + 1, 0)

@@ -264,7 +264,6 @@ def to_flax(state: dict[str, np.ndarray], config: ssl.EncoderConfig, source: str
       if key is None:  # a plain weight, without the weight norm's split
         key, value = take(stem + "weight")
         if key is not None:
-          used.add(key)
           value = (np.sqrt(np.sum(np.square(value), axis=(0, 1))) if leaf == "weight_g" else value)
       if value is not None:
         value = value.reshape(-1) if leaf == "weight_g" else value.transpose(2, 1, 0)
