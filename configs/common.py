@@ -74,3 +74,20 @@ def encoder_config():
   encoder.batch_size = 8  # clips per extraction batch
   encoder.seed = 0  # initialisation of the random encoder (no checkpoint)
   return encoder
+
+
+def ssl_finetune_config():
+  """How a speech encoder is fine-tuned end to end (`model=ssl`; exvo_jax/ssl_trainer.py says what each key does).
+  The encoder itself is `config.encoder` (checkpoint, layer; pooling and batch_size are the feature set's)."""
+  ssl = ml_collections.ConfigDict()
+  ssl.freeze = "feature_encoder"  # 'none', 'feature_encoder' (the usual recipe) or 'encoder' (train pooling + head)
+  ssl.encoder_learning_rate = 5e-5  # the pooling and head take the task's learning_rate
+  ssl.layer_decay = 1.0  # layer-wise rates: layer i of L at encoder_learning_rate * layer_decay^(L - i)
+  ssl.warmup_steps = 0
+  ssl.mask_time_prob = 0.05  # time masking as in pre-training (transformers' fine-tuning default); 0: off
+  ssl.chain = False  # a classifier chain over the regression outputs, teacher-forced in training
+  ssl.loss = "mse"  # 'mse', 'ccc' (1 - mean CCC of the batch) or 'mse+ccc'
+  ssl.dtype = "float32"  # or 'bfloat16' compute
+  ssl.remat = False  # recompute each transformer layer in the backward pass
+  ssl.pooling_hidden = 128  # attention pooling's scoring width
+  return ssl

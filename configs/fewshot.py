@@ -4,6 +4,9 @@ Variants (combine with ','):
   :hidden=64|128|256      LSTM width (Table 4's ablation; default 256)
   :adaptation=MODE        none, finetune, maml, fomaml, speaker_norm, speaker_norm+finetune
   :epochs=N               base training epochs
+  :model=ssl              a speech encoder in Emo18's place (--config.encoder.checkpoint=FOLDER; without one, a small
+                          UNTRAINED random encoder that only exercises the path), fine-tuned with its feature
+                          encoder frozen (--config.ssl), head lr 1e-3; adaptations act on its pooling and head
   :emogator               real bursts: the EmoGator folder ($EXVO_EMOGATOR or ../shared/data/emogator), 30-way
                           softmax head, validation UAR
   :smoke                  tiny demo corpus, 1 epoch, small model (for tests)
@@ -15,10 +18,14 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, hidden=256, adaptation="speaker_norm", epochs=6, emogator=False, smoke=False)
+  arg = common.parse_arg(arg, hidden=256, adaptation="speaker_norm", epochs=6, emogator=False, smoke=False,
+                         model="emo18")
   config = common.get_config()
   config.task = "fewshot"
 
+  config.model = arg.model  # 'emo18', or 'ssl': a speech encoder (config.encoder, config.ssl)
+  config.encoder = common.encoder_config()
+  config.ssl = common.ssl_finetune_config()
   config.hidden = arg.hidden
   config.num_layers = 2
   config.learning_rate = 1e-4
@@ -34,7 +41,8 @@ def get_config(arg=None):
   config.adaptation = arg.adaptation
   config.num_support = 2
   config.support_seed = 0  # which 2 clips per Val speaker are the support set
-  config.adapt_subset = ("lstm", "head")  # parameters that finetune / MAML adapt (top-level names in Emo18)
+  # Parameters that finetune / MAML adapt (top-level names: Emo18's, or the speech model's pooling and head).
+  config.adapt_subset = ("lstm", "head") if arg.model != "ssl" else ("pooling", "head")
   config.adapt_query_batch = 16
   config.read_out_l2 = 1.0  # speaker_norm's linear read-out
 
@@ -59,6 +67,9 @@ def get_config(arg=None):
   config.team = "exvo_jax"
   config.submission_number = 1
 
+  if arg.model == "ssl":
+    config.learning_rate = 1e-3  # the pooling and head; the encoder's is config.ssl.encoder_learning_rate
+    config.max_seconds = 10.0
   if arg.emogator:
     config.data.dataset = "emogator"
     config.data.root = os.environ.get("EXVO_EMOGATOR", "../shared/data/emogator")
@@ -68,6 +79,7 @@ def get_config(arg=None):
     config.hidden = 32
     config.num_epochs = 1
     config.maml.meta_steps = 2
+    config.max_seconds = min(config.max_seconds, 4.0) if arg.model == "ssl" else config.max_seconds
     config.log_every_s = 1e9
   return config
 

@@ -153,7 +153,7 @@ def base_directory(workdir):
 
 
 def train_base(settings, model, target, train, val, mesh, workdir, log=print, record=None, read_only=False,
-               name="base model", describe=None):
+               name="base model", describe=None, make_state=None, train_step=None):
   """Trains Emo18 on `train`, keeping the epoch with the best validation score; returns (best variables, history,
   predict_fn, the history entry of the best epoch: the one whose variables are returned).
 
@@ -162,11 +162,15 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
   when SIGTERM arrives, so a resumed run continues with the very next batch. `record`: the configuration that shapes
   this model (`stages`); `read_only`: `workdir` is another run's, whose finished model is only restored;
   `describe`: scores -> the text logged after an evaluation (default: the target's metric).
+
+  Another raw-audio model plugs in with the same call signature and outputs as Emo18 (`model.apply(variables,
+  audio, length, train=...)` -> {"outputs", "embedding"}) and its own `make_state(sample batch) -> TrainState` and
+  per-device `train_step` (the fine-tuned speech encoder: `exvo_jax/ssl_trainer.py`).
   """
   options = settings.audio_options()
   sample = train.batch([0], options)
 
-  def make_state():
+  def make_emo18_state():
     variables = model.init(jax.random.PRNGKey(settings.seed), sample["audio"], sample["length"], train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables["batch_stats"], tx=optax.adam(settings.learning_rate))
@@ -184,9 +188,11 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
                                options, eval_batch)
     return target.score(outputs[val.labelled], val.labels[val.labelled])
 
+  masked = not target.all_known(train.labels)
   trainer = loop.Trainer(
-      name=name, directory=base_directory(workdir), init_state=make_state,
-      step=parallel.data_parallel(make_train_step(model, target, not target.all_known(train.labels)), mesh),
+      name=name, directory=base_directory(workdir),
+      init_state=make_emo18_state if make_state is None else lambda: make_state(sample),
+      step=parallel.data_parallel(train_step or make_train_step(model, target, masked), mesh),
       batches=lambda epoch: pipeline.make_pipeline(
           train.source, batch_size=settings.batch_size // processes, train=True, num_epochs=1,
           seed=settings.seed * 1000 + epoch, audio=options, shard_index=jax.process_index(),

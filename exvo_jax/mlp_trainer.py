@@ -357,6 +357,18 @@ def check_features(config, allowed=FEATURE_SETS):
     raise config_check.ConfigError("--config.features.from_release=True reads the release's feats/, which hold no "
                                    "encoder embeddings; the ssl set is computed from the audio: leave it False")
   config_check.choice(config, "encoder.pooling", ssl_embeddings.POOLINGS)
+  check_encoder(config)
+  if str(config.encoder.layer) == "weighted" and tuple(config.features.sets) != ("ssl",):
+    raise config_check.ConfigError(
+        f"--config.encoder.layer=weighted reads the encoder's layers alone; --config.features.sets is "
+        f"{tuple(config.features.sets)}: use one layer (--config.encoder.layer=last or a number) to fuse sets")
+  if config.encoder.batch_size < 1:
+    raise config_check.ConfigError(f"--config.encoder.batch_size={config.encoder.batch_size}: expected >= 1")
+
+
+def check_encoder(config):
+  """The encoder's checkpoint (its config.json read and its weight files present, not read) and layer; returns its
+  EncoderConfig."""
   try:
     encoder = encoder_config(config)
     if config.encoder.checkpoint:
@@ -369,9 +381,4 @@ def check_features(config, allowed=FEATURE_SETS):
     raise config_check.ConfigError(
         f"--config.encoder.layer={config.encoder.layer!r}: expected 'weighted', 'last' or a layer number 0..{layers} "
         f"(0 is the first transformer layer's input; this encoder has {layers} layers)")
-  if layer == "weighted" and tuple(config.features.sets) != ("ssl",):
-    raise config_check.ConfigError(
-        f"--config.encoder.layer=weighted reads the encoder's layers alone; --config.features.sets is "
-        f"{tuple(config.features.sets)}: use one layer (--config.encoder.layer=last or a number) to fuse sets")
-  if config.encoder.batch_size < 1:
-    raise config_check.ConfigError(f"--config.encoder.batch_size={config.encoder.batch_size}: expected >= 1")
+  return encoder

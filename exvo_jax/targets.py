@@ -25,6 +25,9 @@ from exvo_jax.data import schema
 
 REGRESSION, CLASSIFICATION = "regression", "classification"
 _ACTIVATIONS = ("sigmoid", "linear", "logits")
+# Training objectives of a regression (`Target.objective`): mean squared error, 1 - CCC of the batch (the loss the
+# 2022 winners trained on: it optimises the metric itself), or their sum. A classification keeps its cross-entropy.
+LOSSES = ("mse", "ccc", "mse+ccc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +103,34 @@ class Target:
     known = known if self.scalar else jnp.broadcast_to(known[:, None], labels.shape)
     error = jnp.where(known, predictions - jnp.where(known, labels, 0.0), 0.0)  # NaN labels never reach a gradient
     return jnp.sum(error ** 2) / (count * (1 if self.scalar else self.num_outputs))
+
+  def ccc_loss(self, predictions, labels, masked=True):
+    """1 - the mean over dimensions of the batch's CCC (population moments) on the known rows, for a regression.
+    `masked=False`: every label is known."""
+    if self.kind != REGRESSION:
+      raise ValueError(f"target {self.name} is a classification; a CCC loss needs a regression")
+    predictions = predictions.reshape(predictions.shape[0], -1)
+    labels = jnp.reshape(labels, (labels.shape[0], -1))
+    known = jnp.ones(labels.shape[:1], bool) if not masked else jnp.all(jnp.isfinite(labels), axis=-1)
+    weight = known.astype(predictions.dtype)[:, None]
+    labels = jnp.where(weight > 0, labels, 0.0)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    mean_p = jnp.sum(weight * predictions, axis=0) / count
+    mean_l = jnp.sum(weight * labels, axis=0) / count
+    var_p = jnp.sum(weight * (predictions - mean_p) ** 2, axis=0) / count
+    var_l = jnp.sum(weight * (labels - mean_l) ** 2, axis=0) / count
+    cov = jnp.sum(weight * (predictions - mean_p) * (labels - mean_l), axis=0) / count
+    ccc = 2.0 * cov / (var_p + var_l + (mean_p - mean_l) ** 2 + 1e-8)
+    return 1.0 - jnp.mean(ccc)
+
+  def objective(self, predictions, labels, loss="mse", masked=True):
+    """The training loss `loss` (one of LOSSES) of a regression; a classification's is its cross-entropy."""
+    if loss not in LOSSES:
+      raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
+    if self.kind == CLASSIFICATION or loss == "mse":
+      return self.loss(predictions, labels, masked)
+    ccc = self.ccc_loss(predictions, labels, masked)
+    return ccc if loss == "ccc" else ccc + self.loss(predictions, labels, masked)
 
   def score(self, predictions, labels):
     """Scores of numpy predictions on the known rows: per-dimension CCC and 'mean_ccc'; 'mae'; or 'uar' and the
@@ -201,13 +232,13 @@ class Joint:
     labels = self.unpack(packed)
     return all(t.all_known(labels[t.name]) for t in self.members)
 
-  def losses(self, outputs, packed, masked=True):
-    """{target name: its loss} on the target's slice of the outputs (`Target.loss`)."""
+  def losses(self, outputs, packed, masked=True, loss="mse"):
+    """{target name: its loss} on the target's slice of the outputs (`Target.objective`)."""
     labels, outputs = self.unpack(packed), self.split_outputs(outputs)
-    return {t.name: t.loss(outputs[t.name], labels[t.name], masked) for t in self.members}
+    return {t.name: t.objective(outputs[t.name], labels[t.name], loss, masked) for t in self.members}
 
-  def loss(self, outputs, packed, masked=True):
-    parts = self.losses(outputs, packed, masked)
+  def loss(self, outputs, packed, masked=True, loss="mse"):
+    parts = self.losses(outputs, packed, masked, loss)
     return sum(w * parts[t.name] for t, w in zip(self.members, self.weights))
 
   def score(self, outputs, packed):

@@ -1,5 +1,5 @@
-"""The training loop through each of the four trainers that use it (MultiTask MLP, Emo18 base training, MAML
-meta-training, the GAN): SIGTERM between evaluations then a rerun ends like an uninterrupted run, a non-finite loss
+"""The training loop through each of the trainers that use it (MultiTask MLP, Emo18 base training, the fine-tuned
+speech encoder, MAML meta-training, the GAN): SIGTERM between evaluations then a rerun ends like an uninterrupted run, a non-finite loss
 stops with the last good checkpoint named and restorable; and the loop's own rules on a toy regression."""
 
 import dataclasses
@@ -25,6 +25,7 @@ from exvo_jax import loop
 from exvo_jax import mlp_trainer
 from exvo_jax import parallel
 from exvo_jax import runtime
+from exvo_jax import ssl_trainer
 from exvo_jax import stages
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
@@ -86,6 +87,20 @@ def run_emo18_base(workdir, splits):
   return variables, history
 
 
+def run_ssl_finetune(workdir, splits):
+  """2 epochs of 12 steps (batch 4, 1 s clips) of the random encoder fine-tuned with every option that draws
+  randomness or shapes the step: dropout, time masks, the classifier chain, the CCC loss, layer-wise rates and a
+  warm-up, on a 2-device mesh (each device draws its own masks)."""
+  config = fewshot_config.get_config("smoke,model=ssl")
+  config.ssl.update(freeze="none", chain=True, loss="mse+ccc", layer_decay=0.8, warmup_steps=3, mask_time_prob=0.3)
+  settings = emo18_trainer.BaseSettings(batch_size=4, num_epochs=2, eval_batch_size=8, max_seconds=1.0,
+                                        log_every_s=1e9, log_every=5)
+  variables, history, _, _, _ = ssl_trainer.finetune(config, emo18_trainer.make_target("hume_vb"), splits["train"],
+                                                     splits["validation"], parallel.make_mesh(2), str(workdir),
+                                                     log=_quiet, settings=settings)
+  return variables, history
+
+
 def run_maml(workdir, splits):
   """6 meta-steps of 2 episodes (2 support + 2 query clips of 0.8 s) from an untrained hidden-8 Emo18."""
   config = fewshot_config.get_config("smoke")
@@ -117,7 +132,8 @@ def run_gan(workdir, splits):
   return result.state, result.history
 
 
-TRAINERS = {"multitask": (run_multitask, 13), "emo18_base": (run_emo18_base, 15), "maml": (run_maml, 3),
+TRAINERS = {"multitask": (run_multitask, 13), "emo18_base": (run_emo18_base, 15),
+            "ssl_finetune": (run_ssl_finetune, 15), "maml": (run_maml, 3),
             "gan": (run_gan, 3)}
 
 

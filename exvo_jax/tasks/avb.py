@@ -10,9 +10,11 @@ trainers:
 - `model=emo18`: End2You's end-to-end recipe (exvo_jax/emo18_trainer.py): raw waveform, 0.1 s frames, the last
   valid frame's linear outputs (one output slice per task: a `targets.Joint`), batch 8, Adam 1e-4, 30 epochs, the
   best epoch by validation restored (the organisers' script never restores it); one seed.
+- `model=ssl`: a speech encoder fine-tuned end to end (exvo_jax/ssl_trainer.py), attention pooling and one output
+  slice per task, trained by the same raw-audio trainer as Emo18; one seed.
 
 With several tasks (`:all`), one trunk carries one head per task, the loss is the sum of the tasks' own masked
-losses (or `loss_weights`, or learned uncertainty weights with the MLP) and the best epoch is chosen on
+losses (or `loss_weights`, or learned uncertainty weights with the MLP or the fine-tuned encoder) and the best epoch is chosen on
 `mean_score`, the mean over tasks of their metrics.
 
 Scores on Val: per dimension CCC and their mean (population moments; the organisers' evaluation mixes
@@ -35,6 +37,7 @@ from exvo_jax import config_check
 from exvo_jax import emo18_trainer
 from exvo_jax import mlp_trainer
 from exvo_jax import parallel
+from exvo_jax import ssl_trainer
 from exvo_jax import stages
 from exvo_jax import targets
 from exvo_jax import writers
@@ -46,7 +49,7 @@ from exvo_jax.models import emo18
 # Task name -> (target, title in file names and tables).
 TASKS = {"high": ("avb_high", "High"), "two": ("avb_two", "Two"), "culture": ("avb_culture", "Culture"),
          "type": ("avb_type", "Type")}
-MODELS = ("mlp", "emo18")
+MODELS = ("mlp", "emo18", "ssl")
 FEATURE_SETS = ("compare", "egemaps", "boaw", "ssl")
 SPLITS = ("train", "validation", "test")
 
@@ -85,9 +88,9 @@ def check_config(config):
   if config.loss_weights and len(config.loss_weights) != len(config.tasks):
     raise config_check.ConfigError(f"--config.loss_weights has {len(config.loss_weights)} values for "
                                    f"{len(config.tasks)} tasks ({', '.join(config.tasks)}); give one per task")
-  if config.uncertainty_weighting and (config.model != "mlp" or config.loss_weights or len(config.tasks) < 2):
-    raise config_check.ConfigError("--config.uncertainty_weighting=True needs model=mlp, two tasks or more (:all) "
-                                   "and no loss_weights")
+  if config.uncertainty_weighting and (config.model == "emo18" or config.loss_weights or len(config.tasks) < 2):
+    raise config_check.ConfigError("--config.uncertainty_weighting=True needs model=mlp or ssl, two tasks or more "
+                                   "(:all) and no loss_weights")
   if not re.fullmatch(r"[A-Za-z0-9._-]+", config.team) or config.submission_number < 1:
     raise config_check.ConfigError(f"--config.team={config.team!r} / --config.submission_number="
                                    f"{config.submission_number!r}: the submission file is A-VB-<Task>_<team>_<n>.csv; "
@@ -96,6 +99,8 @@ def check_config(config):
     mlp_trainer.check_features(config, FEATURE_SETS)
     if config.num_seeds < 1:
       raise config_check.ConfigError(f"--config.num_seeds={config.num_seeds}: train at least one seed")
+  if config.model == "ssl":
+    ssl_trainer.check_config(config, joint_target(config))
 
 
 def emo18_record(config):
@@ -109,7 +114,12 @@ def emo18_record(config):
 def checkpointed_stages(config, workdir):
   if config.model == "mlp":
     return mlp_trainer.checkpointed_stages(config, workdir)
+  if config.model == "ssl":
+    return [stages.Stage(SSL_NAME, emo18_trainer.base_directory(workdir), ssl_trainer.record(config))]
   return [stages.Stage("Emo18", emo18_trainer.base_directory(workdir), emo18_record(config))]
+
+
+SSL_NAME = "fine-tuned encoder"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,8 +246,9 @@ def base_settings(config):
       log_every_s=config.log_every_s)
 
 
-def run_emo18(config, workdir, root, joint):
-  """End2You's Emo18 on the tasks (one seed). Clips without a label for a task add nothing to its loss."""
+def run_audio(config, workdir, root, joint):
+  """A raw-audio model on the tasks (one seed): End2You's Emo18 (`model=emo18`) or a fine-tuned speech encoder
+  (`model=ssl`). Clips without a label for a task add nothing to its loss."""
   builder, _ = builders.prepare("hume_vb", root, config="audio", data_dir=config.data.tfds_dir or None,
                                 strict=config.data.strict)
   splits = {s: emo18_trainer.Split.read(builders.data_source(builder, s), joint) for s in SPLITS}
@@ -247,13 +258,20 @@ def run_emo18(config, workdir, root, joint):
   if settings.batch_size % mesh.size:
     raise ValueError(f"batch_size {settings.batch_size} is not divisible by the {mesh.size} devices; set "
                      "--config.batch_size to a multiple of the device count")
-  model = emo18.Emo18(num_outputs=joint.num_outputs, hidden=config.hidden, num_layers=config.num_layers)
   train, val, test = (splits[s] for s in SPLITS)
-  print(f"A-VB {'+'.join(config.tasks)} with Emo18 (hidden {config.hidden}): {int(train.labelled.sum())} labelled "
-        f"train, {len(val.file_id)} val, {len(test.file_id)} test clips, {mesh.size} device(s)")
-  variables, history, predict_fn, best = emo18_trainer.train_base(
-      settings, model, joint, train, val, mesh, workdir, record=emo18_record(config), name="Emo18",
-      describe=lambda scores: describe(joint, scores))
+  counts = (f"{int(train.labelled.sum())} labelled train, {len(val.file_id)} val, {len(test.file_id)} test clips, "
+            f"{mesh.size} device(s)")
+  show = lambda scores: describe(joint, scores)
+  if config.model == "emo18":
+    model = emo18.Emo18(num_outputs=joint.num_outputs, hidden=config.hidden, num_layers=config.num_layers)
+    print(f"A-VB {'+'.join(config.tasks)} with Emo18 (hidden {config.hidden}): {counts}")
+    variables, history, predict_fn, best = emo18_trainer.train_base(
+        settings, model, joint, train, val, mesh, workdir, record=emo18_record(config), name="Emo18", describe=show)
+  else:
+    print(f"A-VB {'+'.join(config.tasks)} with a fine-tuned encoder: {counts}")
+    ssl_trainer.report_short_clips(splits, mlp_trainer.encoder_config(config))
+    variables, history, predict_fn, best, _ = ssl_trainer.finetune(config, joint, train, val, mesh, workdir,
+                                                                   name=SSL_NAME, describe=show, settings=settings)
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
   test_outputs, _ = emo18_trainer.predict_split(predict_fn, variables, test.source, settings.audio_options(),
                                                 eval_batch)
@@ -266,7 +284,7 @@ def run(config, workdir):
   """Trains the configured model on the configured A-VB tasks; writes metrics.json and one submission per task."""
   root = corpus.of_config(config.data)
   joint = joint_target(config)
-  trained = (run_mlp if config.model == "mlp" else run_emo18)(config, workdir, root, joint)
+  trained = (run_mlp if config.model == "mlp" else run_audio)(config, workdir, root, joint)
   values = {k: np.array([s["val"][k] for s in trained.seeds]) for k in trained.seeds[0]["val"]}
   mean = {k: float(v.mean()) for k, v in values.items()}
   val_labels = trained.labels["validation"]
@@ -274,6 +292,7 @@ def run(config, workdir):
       "model": config.model, "tasks": list(config.tasks), "split": "validation",
       **({"features": list(config.features.sets), **mlp_trainer.encoder_summary(config)}
          if config.model == "mlp" else {}),
+      **(ssl_trainer.summary(config) if config.model == "ssl" else {}),
       "val_scores": task_scores(config, mean), "seeds": trained.seeds, "mean": mean,
       "std": {k: float(v.std()) for k, v in values.items()},
       "floor": joint.score(floor_predictions(joint, trained.labels["train"], len(val_labels)), val_labels),
@@ -298,6 +317,9 @@ def run(config, workdir):
 def row_name(result):
   if result["model"] == "mlp":
     return f"MLP on {'+'.join(result['features'])}"
+  if result["model"] == "ssl":
+    encoder = result["encoder"]
+    return f"fine-tuned encoder ({'untrained random' if encoder['untrained'] else encoder['checkpoint']})"
   return "Emo18 (End2You recipe)"
 
 

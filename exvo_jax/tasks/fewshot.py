@@ -1,5 +1,9 @@
 """Task `fewshot` (ExVo-FewShot): the raw-waveform CNN-LSTM and per-speaker personalisation from 2 labelled clips.
 
+`model=ssl` puts a speech encoder in Emo18's place (exvo_jax/ssl_trainer.py: fine-tuned end to end, or with
+`ssl.freeze=encoder` its frozen hidden states under a trained attention pooling and head); every adaptation below
+works on it the same way, on its pooled embedding and its parameter subset (`adapt_subset`, e.g. pooling + head).
+
 1. Train Emo18 on the Train split (MSE on the 10 emotions, Adam 1e-4, batch 8, clips cut at 20 s), keeping the
    epoch with the best validation mean CCC.
 2. Optionally meta-train it (`maml` / `fomaml`): episodes of one training speaker with 2 support and Q query clips,
@@ -31,8 +35,10 @@ from exvo_jax import adaptation
 from exvo_jax import config_check
 from exvo_jax import emo18_trainer
 from exvo_jax import loop
+from exvo_jax import mlp_trainer
 from exvo_jax import parallel
 from exvo_jax import runtime
+from exvo_jax import ssl_trainer
 from exvo_jax import stages
 from exvo_jax import writers
 from exvo_jax.data import builders
@@ -42,6 +48,7 @@ from exvo_jax.data import schema
 from exvo_jax.models import emo18
 
 SPLITS = {"hume_vb": ("train", "validation", "test"), "emogator": ("train", "val")}
+MODELS = ("emo18", "ssl")
 
 
 def rows_by_speaker(speakers, keep=None):
@@ -311,12 +318,16 @@ def base_settings(config):
 
 
 def make_model(config, target):
+  if config.model == "ssl":
+    return ssl_trainer.make_model(config, mlp_trainer.encoder_config(config), target)
   return emo18.Emo18(num_outputs=target.num_outputs, hidden=config.hidden, num_layers=config.num_layers,
                      bn_axis_name=parallel.DATA_AXIS)
 
 
 def base_record(config):
   """The configuration that shapes the base model."""
+  if config.model == "ssl":
+    return ssl_trainer.record(config)
   target = emo18_trainer.make_target(config.data.dataset)
   return emo18_trainer.base_record(stages.data_record(config), base_settings(config), make_model(config, target))
 
@@ -344,6 +355,9 @@ def check_config(config):
   """Fails before any work on a value outside its choices."""
   config_check.choice(config, "adaptation", ADAPTATIONS)
   config_check.choice(config, "val_split", SPLITS[config.data.dataset][1:2])
+  config_check.choice(config, "model", MODELS)
+  if config.model == "ssl":
+    ssl_trainer.check_config(config, emo18_trainer.make_target(config.data.dataset))
 
 
 def run(config, workdir):
@@ -358,14 +372,22 @@ def run(config, workdir):
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices; set "
                      "--config.batch_size to a multiple of the device count")
   model = make_model(config, target)
+  what = (f"Emo18 hidden {config.hidden}" if config.model == "emo18"
+          else f"speech encoder (frozen: {config.ssl.freeze})")
   print(f"fewshot on {data.dataset}: " + ", ".join(f"{s} {len(v.source)} clips / {len(set(v.speaker))} speakers"
                                                    for s, v in splits.items())
-        + f"; Emo18 hidden {config.hidden}; adaptation {config.adaptation}; {mesh.size} device(s)")
+        + f"; {what}; adaptation {config.adaptation}; {mesh.size} device(s)")
   start = time.monotonic()
   settings = base_settings(config)
-  variables, history, predict_fn, _ = emo18_trainer.train_base(settings, model, target, splits["train"],
-                                                               splits[config.val_split], mesh, workdir,
-                                                               record=base_record(config))
+  if config.model == "ssl":
+    ssl_trainer.report_short_clips(splits, mlp_trainer.encoder_config(config))
+    variables, history, predict_fn, _, model = ssl_trainer.finetune(
+        config, target, splits["train"], splits[config.val_split], mesh, workdir, name="base model",
+        settings=settings)
+  else:
+    variables, history, predict_fn, _ = emo18_trainer.train_base(settings, model, target, splits["train"],
+                                                                 splits[config.val_split], mesh, workdir,
+                                                                 record=base_record(config))
   modes = set(config.adaptation.split("+"))
   adapted_variables = variables
   if modes & {"maml", "fomaml"}:
@@ -417,7 +439,8 @@ def run(config, workdir):
     submission = os.path.join(workdir, f"ExVo-Few_{config.team}_{config.submission_number}.csv")
     write_submission(submission, test, predictions)
   result = {
-      "dataset": data.dataset, "hidden": config.hidden, "adaptation": config.adaptation,
+      "dataset": data.dataset, "model": config.model, "hidden": config.hidden, "adaptation": config.adaptation,
+      **(ssl_trainer.summary(config) if config.model == "ssl" else {}),
       "main_metric": target.metric, "split": config.val_split, "num_query_clips": int(len(query)),
       "num_speakers": len(val_episodes), "results": results, "per_speaker_loss": per_speaker,
       "base": {"history": history}, "submission": os.path.basename(submission) if submission else None,
