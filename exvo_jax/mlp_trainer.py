@@ -70,7 +70,8 @@ def load_tables(config, root, workdir, log=print):
 def audio_feature_tables(config, name, audio_sources, feature_cache, workdir, log=print):
   """{split: SplitTable} of one feature set computed from audio records {split: source} ('train' among them):
   openSMILE functionals, bag-of-audio-words or encoder embeddings, through the corpus's feature cache. Process 0
-  extracts into the shared cache first; the other processes then read it."""
+  extracts into the shared cache first and the other processes then read it; encoder embeddings are split between
+  the processes (`ssl_embeddings.extract`)."""
   features = config.features
   processes = features.processes or None
   if name == "boaw":
@@ -84,9 +85,9 @@ def audio_feature_tables(config, name, audio_sources, feature_cache, workdir, lo
     encoder = ssl_embeddings.load_encoder(enc.checkpoint, enc.seed, log=log)
     cache = ssl_embeddings.cache_folder(feature_cache, encoder, enc.pooling)
     layer = encoder_layer(config, encoder.config)
-    return runtime.process_zero_first(lambda: tables_lib.from_encoder(
-        audio_sources, encoder, cache, layer=layer, pooling=enc.pooling, batch_size=enc.batch_size, log=log),
-        "encoder embeddings")
+    # Every process takes part: the clips are split between them, and process 0 writes the cache.
+    return tables_lib.from_encoder(audio_sources, encoder, cache, layer=layer, pooling=enc.pooling,
+                                   batch_size=enc.batch_size, log=log)
   return runtime.process_zero_first(lambda: tables_lib.from_audio(
       audio_sources, name, feature_cache, processes=processes, log=log), f"{name} features")
 

@@ -64,6 +64,9 @@ TWO_PROCESS_RUNS = {
                      lambda result: result["results"]),
     "multitask": ("configs/multitask.py:smoke", {"seed0/checkpoints": 1e-6, "seed1/checkpoints": 1e-6},
                   lambda result: [s["val"] for s in result["seeds"]]),
+    # Encoder embeddings, each run with its own fresh feature cache: the two processes split the extraction.
+    "multitask_ssl": ("configs/multitask.py:ssl,smoke", {"seed0/checkpoints": 1e-5, "seed1/checkpoints": 1e-5},
+                      lambda result: [s["val"] for s in result["seeds"]]),
 }
 
 
@@ -72,15 +75,20 @@ def test_two_processes_match_one_process(tmp_path, run):
   """launch/local.sh with 2 CPU processes (1 device each) vs 1 process with 2 devices: the same global batches,
   so the same parameters and metrics (FewShot: the base model and MAML meta-training; MultiTask: both seeds)."""
   config, stages, compared = TWO_PROCESS_RUNS[run]
+  flags, cache_one, cache_two = (), {}, {}
+  if "ssl" in config:  # the corpus and its records from the session's cache, the embeddings into fresh ones
+    root = corpus.locate("", dataset="hume_vb", demo_size="tiny", demo_seed=0)
+    flags = (f"--config.data.root={root}", f"--config.data.tfds_dir={builders.default_data_dir(root)}")
+    cache_one, cache_two = {"EXVO_CACHE": str(tmp_path / "cache_one")}, {"EXVO_CACHE": str(tmp_path / "cache_two")}
   one = tmp_path / "one"
-  _main(one, devices=2, config=config)
+  smoke.run_main(config, one, *flags, devices=2, env=cache_one, timeout=600)
   two = tmp_path / "two"
   audit = tmp_path / "written_by_process_1.txt"
   env = dict(smoke.main_env(1), NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", CONFIG=config, WORKDIR=str(two),
-             PYTHON=sys.executable, EXVO_WRITE_AUDIT=str(audit),
+             PYTHON=sys.executable, EXVO_WRITE_AUDIT=str(audit), **cache_two,
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests" / "write_audit"),
                                                       os.environ.get("PYTHONPATH")])))
-  done = subprocess.run(["bash", "launch/local.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+  done = subprocess.run(["bash", "launch/local.sh", *flags], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   logs = "".join(p.read_text()[-2000:] for p in sorted((two / "logs").glob("*.log"))) if (two / "logs").exists() else ""
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
@@ -96,7 +104,11 @@ def test_two_processes_match_one_process(tmp_path, run):
   # The one exception is orbax's collective save: every process writes its own part of a checkpoint, in files named
   # after it (`array_metadatas/process_1`) inside the temporary folder that process 0 then commits.
   assert (two / "metrics.json").exists() and len(list(two.glob("ExVo-*.csv"))) == 1
-  shared = [two.resolve(), pathlib.Path(os.environ["EXVO_CACHE"]).resolve()]
+  shared = [two.resolve(), pathlib.Path(env["EXVO_CACHE"]).resolve()]
+  if "ssl" in config:  # each process embedded half of the clips; process 0 alone wrote them all
+    assert "embedding 96 with" in (two / "logs" / "process_1.log").read_text()
+    assert "(48 embedded by this process)" in (two / "logs" / "process_1.log").read_text()
+    assert len(list((tmp_path / "cache_two").rglob("ssl-*/*.npy"))) == 96
   assert audit.exists(), "process 1 ran without the audit hook: is tests/write_audit on PYTHONPATH?"
   written = [pathlib.Path(p).resolve() for p in audit.read_text().splitlines()]
   in_shared = [p for p in written if any(p.is_relative_to(folder) for folder in shared)]

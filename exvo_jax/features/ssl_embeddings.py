@@ -10,7 +10,8 @@ compiled) and run under `jit` with the sample mask, which makes every clip's emb
 Clips shorter than the encoder's receptive field (400 samples) are zero-padded to it and reported by name.
 
 Each clip is written to `<cache>/<stem>.npy` as its batch finishes, so an interrupted extraction resumes with the
-clips it has not done; SIGTERM stops it between batches with `runtime.Preempted`. The cache folder is named after
+clips it has not done; SIGTERM stops it between batches with `runtime.Preempted`. A multi-process run splits the
+clips between its processes (`extract`). The cache folder is named after
 the encoder (`encoder_key`: a hash of its config and parameters) and the pooling, so another checkpoint never reads
 these files.
 """
@@ -124,9 +125,19 @@ def save_batch(cache, stems, pooled):
     os.replace(temporary, path)  # atomic: a cut-off run never leaves half a file under the final name
 
 
+def _gather(values):
+  """[...] per process -> [processes, ...], the same on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(values))
+
+
 def extract(stems, lengths, read, encoder: Encoder, cache_dir, *, pooling="mean", batch_size=8,
             bucket_samples=16_000, log=print, every_s=10.0):
   """Computes (or loads from the cache) the pooled embeddings of the clips named `stems`.
+
+  In a multi-process run every process calls it with the same clips: each embeds its share of every round of
+  batches (`batch_size` clips per process), the rounds' results are gathered to all processes, and process 0
+  alone writes the cache. A clip is embedded unless every process finds it in its cache (shared or per host).
 
   Args:
     stems: clip names; each becomes `<cache_dir>/<stem>.npy`.
@@ -146,32 +157,53 @@ def extract(stems, lengths, read, encoder: Encoder, cache_dir, *, pooling="mean"
   if short:
     log(f"encoder: {len(short)} clip(s) shorter than the encoder's receptive field ({field} samples = "
         f"{field / 16:.0f} ms) are zero-padded to it: {', '.join(short[:10])}{' ...' if len(short) > 10 else ''}")
-  todo = [i for i, stem in enumerate(stems) if not (cache / f"{stem}.npy").is_file()]
-  if todo:
-    cache.mkdir(parents=True, exist_ok=True)
+  processes, me = jax.process_count(), jax.process_index()
+  writer = me == 0
+  cached = np.array([(cache / f"{stem}.npy").is_file() for stem in stems], bool)
+  if processes > 1:
+    cached = _gather(cached).all(axis=0)
+  todo = np.flatnonzero(~cached)
+  values = {}
+  if len(todo):
+    if writer:
+      cache.mkdir(parents=True, exist_ok=True)
+    share = f" (process {me + 1} of {processes}: {batch_size} clips of each round of {batch_size * processes})"
     log(f"encoder: {len(stems) - len(todo)} of {len(stems)} clips cached, embedding {len(todo)} with "
-        f"{encoder.description} into {cache}")
+        f"{encoder.description} into {cache}" + (share if processes > 1 else ""))
     embed = make_embed_fn(encoder.config, pooling)
-    params = jax.device_put(encoder.params)
+    params = jax.device_put(encoder.params, jax.local_devices()[0])
     todo_lengths = np.maximum(lengths[todo], field)
     start = last = time.monotonic()
-    done = 0
-    for rows, padded in _batches(todo_lengths, batch_size, bucket_samples):
+    done = embedded = 0
+    for rows, padded in _batches(todo_lengths, batch_size * processes, bucket_samples):
+      mine = rows[me * batch_size:(me + 1) * batch_size]  # `padded` fits the round's longest clip
       waveform = np.zeros((batch_size, padded), np.float32)  # a fixed batch size: one compile per bucket
-      num_samples = np.zeros(batch_size, np.int32)
-      for j, row in enumerate(rows):
+      num_samples = np.full(batch_size, field, np.int32)
+      for j, row in enumerate(mine):
         samples = np.asarray(read(stems[todo[row]]), np.float32) / 32768.0
         waveform[j, :len(samples)] = samples
         num_samples[j] = max(len(samples), field)  # a short clip's zero padding counts as its samples
       pooled = np.asarray(embed(params, waveform, num_samples))
-      save_batch(cache, [stems[todo[row]] for row in rows], pooled)
+      embedded += len(mine)
+      if processes > 1:
+        pooled = _gather(pooled).reshape(-1, *pooled.shape[1:])[:len(rows)]  # process p's rows are its share
+      else:
+        pooled = pooled[:len(rows)]
+      round_stems = [stems[todo[row]] for row in rows]
+      values.update(zip(round_stems, pooled))
+      if writer:
+        save_batch(cache, round_stems, pooled)
       done += len(rows)
       now = time.monotonic()
       if now - last >= every_s or done == len(todo):
         last = now
         rate = done / max(now - start, 1e-9)
-        log(f"encoder: {done}/{len(todo)} clips, {rate:.1f} clips/s, ETA {(len(todo) - done) / max(rate, 1e-9):.0f} s")
+        log(f"encoder: {done}/{len(todo)} clips, {rate:.1f} clips/s, ETA {(len(todo) - done) / max(rate, 1e-9):.0f} s"
+            + (f" ({embedded} embedded by this process)" if processes > 1 else ""))
       if done < len(todo):
         runtime.preemption.check(lambda: f"embedding stopped after {done} of {len(todo)} clips; they are cached in "
-                                 f"{cache} and the rerun embeds the rest", local=True)
-  return {stem: np.load(cache / f"{stem}.npy") for stem in stems}, short
+                                 f"{cache} and the rerun embeds the rest")
+  for stem in stems:
+    if stem not in values:
+      values[stem] = np.load(cache / f"{stem}.npy")
+  return {stem: values[stem] for stem in stems}, short
