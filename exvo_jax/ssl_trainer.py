@@ -13,10 +13,13 @@ this module's state and step, and FewShot personalises it like Emo18.
   layer_decay           layer-wise rates: transformer layer i of L takes encoder_learning_rate * decay^(L - i), the
                         feature encoder, projection and positional convolution decay^L (1.0: one rate)
   warmup_steps          linear warm-up of every rate from 0
-  mask_time_prob        time masking as in pre-training (spans of the checkpoint's mask_time_length frames, about
-                        this share of the frames), in training only; 0 turns it off
+  mask_time_prob        time masking as in pre-training (spans of the checkpoint's mask_time_length frames, each
+                        frame starting one with probability mask_time_prob / mask_time_length), in training only;
+                        0 turns it off. transformers also forces mask_time_min_masks (2) spans per clip, which on
+                        1-3 s bursts masks far more than this share; this sampler has no such minimum
   chain                 a classifier chain over the outputs (regression targets), teacher-forced in training
-  loss                  'mse', 'ccc' (1 - the batch's mean CCC) or 'mse+ccc' for regressions (`targets.LOSSES`)
+  loss                  'mse', 'ccc' (1 - the mean CCC of the global batch, its moments summed over the devices)
+                        or 'mse+ccc' for regressions (`targets.LOSSES`)
   dtype                 compute type, 'float32' or 'bfloat16' (parameters stay float32)
   remat                 recompute each transformer layer in the backward pass (less memory, more time)
   pooling_hidden        width of the attention pooling's scoring layer
@@ -66,6 +69,9 @@ def check_config(config, target):
   if s.chain and any(t.kind != targets.REGRESSION or t.scalar for t in members):
     problems.append(f"--config.ssl.chain=True chains regression outputs; {target.name} has a classification or a "
                     "scalar: leave chain off or choose regression tasks")
+  if s.loss != "mse" and not any(t.kind == targets.REGRESSION for t in members):
+    problems.append(f"--config.ssl.loss={s.loss}: {target.name} has no regression to take a CCC loss (a "
+                    "classification trains on cross-entropy): leave loss at mse")
   if problems:
     raise config_check.ConfigError("; ".join(problems))
   return encoder
@@ -100,11 +106,12 @@ def learning_rates(params, encoder_config, head_rate, encoder_rate, decay):
     keys = [str(getattr(k, "key", k)) for k in path]
     if keys[0] != "encoder":
       return head_rate
-    depth = 0  # feature encoder, projection, positional convolution, masked_spec_embed, post-LN's first norm
+    # Below the first layer: feature encoder, projection, positional convolution, masked_spec_embed, the encoder's
+    # own LayerNorm (post-LN models; a pre-LN model's final norm comes after every hidden state the model reads,
+    # so it gets no gradient, as in transformers' hidden_states).
+    depth = 0
     if len(keys) > 2 and keys[1] == "encoder" and keys[2].startswith("layers_"):
       depth = int(keys[2].split("_")[1]) + 1
-    elif keys[1:3] == ["encoder", "layer_norm"] and encoder_config.do_stable_layer_norm:
-      depth = top  # pre-LN models' final norm sits on top of the last layer
     return encoder_rate * decay ** (top - depth)
 
   return jax.tree_util.tree_map_with_path(rate, params)
@@ -156,15 +163,15 @@ def make_train_step(model, target, *, loss, seed, masked):
                              jax.lax.axis_index(parallel.DATA_AXIS))
     mask_rng, dropout_rng = jax.random.split(rng)
     labels = batch["labels"]
-    teacher = jnp.where(jnp.isfinite(labels), labels, 0.0) if model.chain else None
+    teacher = labels if model.chain else None  # unknown (NaN) values: the chain reads the model's own outputs
 
     def loss_fn(params):
       out = model.apply({"params": params}, batch["audio"], batch["length"], train=True, teacher=teacher,
                         rngs={"mask": mask_rng, "dropout": dropout_rng})
       if joint:
-        parts = target.losses(out["outputs"], labels, masked, loss)
+        parts = target.losses(out["outputs"], labels, masked, loss, parallel.DATA_AXIS)
       else:
-        parts = {target.name: target.objective(out["outputs"], labels, loss, masked)}
+        parts = {target.name: target.objective(out["outputs"], labels, loss, masked, parallel.DATA_AXIS)}
       log_sigma = params["log_sigma"] if model.loss_scales else None
       weights = None if log_sigma is not None or not joint else target.weights
       return mlp_trainer.total_loss(parts, log_sigma, weights), parts
@@ -177,8 +184,8 @@ def make_train_step(model, target, *, loss, seed, masked):
   return train_step
 
 
-def finetune(config, target, train, val, mesh, workdir, *, name="fine-tuned encoder", describe=None, log=print,
-             settings=None):
+def finetune(config, target, train, val, mesh, workdir, *, settings, name="fine-tuned encoder", describe=None,
+             log=print):
   """Fine-tunes the configured encoder on `train` (an `emo18_trainer.Split` of `target`'s labels), keeping the epoch
   with the best validation score; returns what `emo18_trainer.train_base` returns (best variables, history,
   predict_fn, best history entry) and the model."""

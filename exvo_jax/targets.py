@@ -104,9 +104,11 @@ class Target:
     error = jnp.where(known, predictions - jnp.where(known, labels, 0.0), 0.0)  # NaN labels never reach a gradient
     return jnp.sum(error ** 2) / (count * (1 if self.scalar else self.num_outputs))
 
-  def ccc_loss(self, predictions, labels, masked=True):
+  def ccc_loss(self, predictions, labels, masked=True, axis_name=None):
     """1 - the mean over dimensions of the batch's CCC (population moments) on the known rows, for a regression.
-    `masked=False`: every label is known."""
+    `masked=False`: every label is known. `axis_name`: inside a data-parallel step, the moments are summed over
+    that axis, so the CCC is the global batch's (each device's slice alone would give a noisy CCC, a constant with
+    no gradient at one clip per device); the step's pmean of the gradients then gives the global batch's gradient."""
     if self.kind != REGRESSION:
       raise ValueError(f"target {self.name} is a classification; a CCC loss needs a regression")
     predictions = predictions.reshape(predictions.shape[0], -1)
@@ -114,22 +116,25 @@ class Target:
     known = jnp.ones(labels.shape[:1], bool) if not masked else jnp.all(jnp.isfinite(labels), axis=-1)
     weight = known.astype(predictions.dtype)[:, None]
     labels = jnp.where(weight > 0, labels, 0.0)
-    count = jnp.maximum(jnp.sum(weight), 1.0)
-    mean_p = jnp.sum(weight * predictions, axis=0) / count
-    mean_l = jnp.sum(weight * labels, axis=0) / count
-    var_p = jnp.sum(weight * (predictions - mean_p) ** 2, axis=0) / count
-    var_l = jnp.sum(weight * (labels - mean_l) ** 2, axis=0) / count
-    cov = jnp.sum(weight * (predictions - mean_p) * (labels - mean_l), axis=0) / count
+    sums = [jnp.sum(weight, axis=0)] + [jnp.sum(weight * v, axis=0) for v in (
+        predictions, labels, predictions * predictions, labels * labels, predictions * labels)]
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    count = jnp.maximum(sums[0], 1.0)
+    mean_p, mean_l, square_p, square_l, product = (v / count for v in sums[1:])
+    var_p, var_l = square_p - mean_p ** 2, square_l - mean_l ** 2
+    cov = product - mean_p * mean_l
     ccc = 2.0 * cov / (var_p + var_l + (mean_p - mean_l) ** 2 + 1e-8)
     return 1.0 - jnp.mean(ccc)
 
-  def objective(self, predictions, labels, loss="mse", masked=True):
-    """The training loss `loss` (one of LOSSES) of a regression; a classification's is its cross-entropy."""
+  def objective(self, predictions, labels, loss="mse", masked=True, axis_name=None):
+    """The training loss `loss` (one of LOSSES) of a regression; a classification's is its cross-entropy.
+    `axis_name`: the data-parallel axis the CCC's moments are summed over (`ccc_loss`)."""
     if loss not in LOSSES:
       raise ValueError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
     if self.kind == CLASSIFICATION or loss == "mse":
       return self.loss(predictions, labels, masked)
-    ccc = self.ccc_loss(predictions, labels, masked)
+    ccc = self.ccc_loss(predictions, labels, masked, axis_name)
     return ccc if loss == "ccc" else ccc + self.loss(predictions, labels, masked)
 
   def score(self, predictions, labels):
@@ -232,10 +237,10 @@ class Joint:
     labels = self.unpack(packed)
     return all(t.all_known(labels[t.name]) for t in self.members)
 
-  def losses(self, outputs, packed, masked=True, loss="mse"):
+  def losses(self, outputs, packed, masked=True, loss="mse", axis_name=None):
     """{target name: its loss} on the target's slice of the outputs (`Target.objective`)."""
     labels, outputs = self.unpack(packed), self.split_outputs(outputs)
-    return {t.name: t.objective(outputs[t.name], labels[t.name], loss, masked) for t in self.members}
+    return {t.name: t.objective(outputs[t.name], labels[t.name], loss, masked, axis_name) for t in self.members}
 
   def loss(self, outputs, packed, masked=True, loss="mse"):
     parts = self.losses(outputs, packed, masked, loss)

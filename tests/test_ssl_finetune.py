@@ -9,19 +9,22 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import smoke
 from configs import avb as avb_config
 from configs import fewshot as fewshot_config
 from exvo_jax import config_check
+from exvo_jax import emo18_trainer
+from exvo_jax import parallel
 from exvo_jax import ssl_trainer
 from exvo_jax import targets
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
+from exvo_jax.features import ssl_embeddings
 from exvo_jax.models import speech_model
 from exvo_jax.models import ssl
+from exvo_jax.tasks import fewshot
 
 TINY = ssl.EncoderConfig(conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)
@@ -148,28 +151,34 @@ def test_training_draws_masks_and_dropout_from_its_rngs_and_evaluation_is_determ
 # ---------------------------------------------------------------------------------------------------------------
 # The optimiser and the losses.
 
-def test_layer_wise_rates_and_the_first_adam_step_moves_each_parameter_by_its_rate():
-  """Adam's first step is lr * g / (|g| + eps): each parameter with a gradient moves by its own rate."""
+def test_layer_wise_rates_and_the_first_adam_step_of_the_trainer_s_state_moves_each_parameter_by_its_rate():
+  """Adam's first step is lr * g / (|g| + eps): each parameter moves by its own rate, times the warm-up's 1/4."""
+  config = fewshot_config.get_config("smoke,model=ssl")
+  config.learning_rate, config.ssl.encoder_learning_rate, config.ssl.layer_decay, config.ssl.warmup_steps = (
+      1e-3, 1e-4, 0.5, 4)
   model = _model()
   audio, length = _batch()
-  params = model.init(jax.random.key(0), audio, length)["params"]
-  rates = flax.traverse_util.flatten_dict(ssl_trainer.learning_rates(params, TINY, 1e-3, 1e-4, 0.5))
+  encoder_params = ssl.SpeechEncoder(TINY).init(jax.random.key(5), audio[:, :400])["params"]
+  encoder = ssl_embeddings.Encoder(TINY, encoder_params, "tiny", "key", True)
+  state = ssl_trainer.make_state_fn(config, model, encoder)({"audio": audio, "length": length})
+  flat = flax.traverse_util.flatten_dict(state.params)
+  for path, value in flax.traverse_util.flatten_dict(encoder_params).items():  # the encoder's weights are put in
+    np.testing.assert_array_equal(flat[("encoder", *path)], value)
+  rates = flax.traverse_util.flatten_dict(ssl_trainer.learning_rates(state.params, TINY, 1e-3, 1e-4, 0.5))
   assert rates[("head", "kernel")] == 1e-3 and rates[("pooling", "proj", "kernel")] == 1e-3
   layer = ("encoder", "encoder", "layers_{}", "attention", "q_proj", "kernel")
   assert rates[tuple(p.format(1) for p in layer)] == pytest.approx(1e-4)  # the top layer (L = 2)
   assert rates[tuple(p.format(0) for p in layer)] == pytest.approx(0.5e-4)
   assert rates[("encoder", "feature_extractor", "conv_layers_0", "conv", "kernel")] == pytest.approx(0.25e-4)
-  stable = ssl.EncoderConfig(**{**TINY.__dict__, "do_stable_layer_norm": True})
-  stable_rates = flax.traverse_util.flatten_dict(ssl_trainer.learning_rates(params, stable, 1e-3, 1e-4, 0.5))
-  assert stable_rates[("encoder", "encoder", "layer_norm", "scale")] == pytest.approx(1e-4)  # the top norm
   assert rates[("encoder", "encoder", "layer_norm", "scale")] == pytest.approx(0.25e-4)  # post-LN: below layer 0
-
-  tree = ssl_trainer.learning_rates(params, TINY, 1e-3, 1e-4, 0.5)
-  tx = optax.chain(optax.scale_by_adam(eps=1e-30), ssl_trainer.scale_by_tree(tree, warmup_steps=4))
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.7), params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  for path, u in flax.traverse_util.flatten_dict(updates).items():
-    np.testing.assert_allclose(np.asarray(u), -rates[path] / 4, rtol=1e-5, err_msg=str(path))  # warm-up 1 of 4
+  stepped = state.apply_gradients(grads=jax.tree.map(lambda p: jnp.full_like(p, 0.7), state.params))
+  before = flax.traverse_util.flatten_dict(state.params)
+  after = flax.traverse_util.flatten_dict(stepped.params)
+  for path, rate in rates.items():
+    start = np.asarray(before[path], np.float64)
+    rounding = 2 * np.finfo(np.float32).eps * max(np.abs(start).max(), 1e-3)  # float32 steps of the parameter
+    np.testing.assert_allclose(np.asarray(after[path], np.float64) - start, -rate / 4, rtol=1e-4, atol=rounding,
+                               err_msg=str(path))
 
 
 def _numpy_ccc(x, y):
@@ -199,6 +208,47 @@ def test_the_ccc_loss_is_one_minus_the_mean_ccc_of_the_known_rows():
   assert float(country.objective(logits, classes, "ccc")) == pytest.approx(float(country.loss(logits, classes)))
 
 
+def test_the_ccc_loss_of_a_data_parallel_step_is_the_global_batch_s_with_its_gradient():
+  """Two devices of 2 clips each: the loss and the pmean'ed gradient equal one device's on the 4 clips (where each
+  device's own CCC would differ)."""
+  target = targets.get("avb_two")
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 3)).astype(np.float32)
+  labels = rng.uniform(size=(4, 2)).astype(np.float32)
+  labels[1, 0] = np.nan  # an unknown row, left out on its device
+  w = rng.normal(size=(3, 2)).astype(np.float32)
+
+  def step(w, batch):
+    loss, grad = jax.value_and_grad(lambda w: target.ccc_loss(batch["x"] @ w, batch["labels"], True,
+                                                              parallel.DATA_AXIS))(w)
+    return jax.lax.pmean(loss, parallel.DATA_AXIS), jax.lax.pmean(grad, parallel.DATA_AXIS)
+
+  loss, grad = parallel.data_parallel(step, parallel.make_mesh(2), donate_argnums=())(w, {"x": x, "labels": labels})
+  whole_loss, whole_grad = jax.value_and_grad(lambda w: target.ccc_loss(x @ w, labels))(w)
+  keep = np.isfinite(labels).all(1)
+  expected = 1 - _numpy_ccc((x @ w)[keep].astype(np.float64), labels[keep].astype(np.float64)).mean()
+  assert float(loss) == pytest.approx(expected, abs=1e-5) and float(whole_loss) == pytest.approx(expected, abs=1e-5)
+  np.testing.assert_allclose(grad, whole_grad, rtol=1e-4, atol=1e-6)
+  halves = [float(target.ccc_loss(x[i:i + 2] @ w, labels[i:i + 2])) for i in (0, 2)]
+  assert all(abs(h - expected) > 1e-3 for h in halves)  # what each device alone would have trained on
+
+
+def test_the_chain_reads_its_own_output_where_a_teacher_value_is_unknown():
+  head = speech_model.ChainHead(3)
+  rng = np.random.default_rng(2)
+  h = rng.normal(size=(2, 5)).astype(np.float32)
+  params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), head.init(jax.random.key(0), h))
+  own = np.asarray(head.apply(params, h))
+  teacher = rng.normal(size=(2, 3)).astype(np.float32)
+  holes = teacher.copy()
+  holes[0, 0] = np.nan
+  filled = teacher.copy()
+  filled[0, 0] = own[0, 0]
+  np.testing.assert_allclose(head.apply(params, h, teacher=holes), head.apply(params, h, teacher=filled), rtol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(head.apply(p, h, teacher=holes) ** 2))(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config checks and the trainer through main.
 
@@ -215,11 +265,39 @@ def test_fine_tuning_settings_fail_before_any_work():
     bad[section][name] = value
     with pytest.raises(config_check.ConfigError, match=message):
       ssl_trainer.check_config(bad, targets.Joint([targets.get("avb_high"), targets.get("avb_type")]))
+  type_only = avb_config.get_config("smoke,model=ssl,type")
+  type_only.ssl.loss = "ccc"
+  with pytest.raises(config_check.ConfigError, match="no regression to take a CCC loss"):
+    ssl_trainer.check_config(type_only, targets.Joint([targets.get("avb_type")]))
   with pytest.raises(ValueError, match="model=ssl fine-tunes the encoder"):
     avb_config.get_config("model=ssl,egemaps")
   typo = smoke.run_main("configs/avb.py:smoke,model=ssl", "/nonexistent/never", "--config.ssl.freez=none",
                         check=False)
   assert typo.returncode != 0 and "freez" in typo.stderr + typo.stdout
+
+
+def test_time_masking_needs_the_checkpoint_s_masked_spec_embed(tmp_path):
+  """A config.json with both mask probabilities 0 has no masked_spec_embed: time masking is refused before any work
+  (the weight file is only looked for, not read)."""
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "wav2vec2", "mask_time_prob": 0.0}))
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  config = avb_config.get_config("smoke,model=ssl")
+  config.encoder.checkpoint = str(tmp_path)
+  joint = targets.Joint([targets.get("avb_high")])
+  with pytest.raises(config_check.ConfigError, match="needs the checkpoint's masked_spec_embed"):
+    ssl_trainer.check_config(config, joint)
+  config.ssl.mask_time_prob = 0.0
+  ssl_trainer.check_config(config, joint)
+
+
+def test_fewshot_refuses_an_adapt_subset_that_names_nothing_of_its_model():
+  config = fewshot_config.get_config("smoke,adaptation=finetune")
+  config.model = "ssl"  # set by a flag, not the variant: Emo18's subset stays
+  with pytest.raises(config_check.ConfigError, match=r"'lstm' names no parameter of the ssl model; its top-level "
+                                                      r"parameters are encoder, head, layer_weights, pooling"):
+    fewshot.check_config(config)
+  config.adapt_subset = ("pooling", "head")
+  fewshot.check_config(config)
 
 
 def test_avb_jointly_on_a_fine_tuned_encoder_with_uncertainty_weighting_through_main(tmp_path):
@@ -259,3 +337,15 @@ def test_fewshot_on_a_fine_tuned_encoder_resumes_after_sigterm_like_an_uninterru
   name = reference["submission"]
   assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
 
+
+
+def test_clips_shorter_than_the_receptive_field_are_named_in_the_log():
+  rng = np.random.default_rng(0)
+  records = [{"audio": rng.integers(-100, 100, n).astype(np.int16), "file_id": f"[{i}]"}
+             for i, n in enumerate([16000, 399, 400, 12])]
+  split = emo18_trainer.Split(records, np.array([r["file_id"] for r in records]), np.array(["s"] * 4),
+                              np.zeros((4, 10), np.float32), np.ones(4, bool))
+  lines = []
+  ssl_trainer.report_short_clips({"train": split}, TINY, log=lines.append)
+  assert len(lines) == 1 and "train: 2 clip(s) shorter than the encoder's receptive field (400 samples)" in lines[0]
+  assert lines[0].endswith("[1], [3]")

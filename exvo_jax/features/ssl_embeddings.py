@@ -137,7 +137,8 @@ def extract(stems, lengths, read, encoder: Encoder, cache_dir, *, pooling="mean"
 
   In a multi-process run every process calls it with the same clips: each embeds its share of every round of
   batches (`batch_size` clips per process), the rounds' results are gathered to all processes, and process 0
-  alone writes the cache. A clip is embedded unless every process finds it in its cache (shared or per host).
+  alone writes the cache. The cache is meant to be shared (as every feature cache is): a clip is embedded unless
+  every process finds it there, so with per-host caches every run embeds the clips again.
 
   Args:
     stems: clip names; each becomes `<cache_dir>/<stem>.npy`.
@@ -159,9 +160,10 @@ def extract(stems, lengths, read, encoder: Encoder, cache_dir, *, pooling="mean"
         f"{field / 16:.0f} ms) are zero-padded to it: {', '.join(short[:10])}{' ...' if len(short) > 10 else ''}")
   processes, me = jax.process_count(), jax.process_index()
   writer = me == 0
-  cached = np.array([(cache / f"{stem}.npy").is_file() for stem in stems], bool)
+  cached = np.array([(cache / f"{stem}.npy").is_file() for stem in stems], np.int32)
   if processes > 1:
-    cached = _gather(cached).all(axis=0)
+    cached = _gather(cached).min(axis=0)
+  cached = cached.astype(bool)
   todo = np.flatnonzero(~cached)
   values = {}
   if len(todo):

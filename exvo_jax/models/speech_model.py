@@ -13,7 +13,8 @@ MAML, speaker normalisation of the embedding) run on it unchanged.
   teacher-forced with the labels when `teacher` is given, i.e. in training).
 - Training (`train=True`): dropout as the checkpoint's config says, and time masking as in pre-training: spans of
   `mask_time_length` frames, each valid frame starting one with probability `mask_time_prob / mask_time_length`,
-  replaced by the learned `masked_spec_embed` (rngs 'dropout' and 'mask').
+  replaced by the learned `masked_spec_embed` (rngs 'dropout' and 'mask'). Unlike transformers' sampler there is
+  no minimum number of spans per clip (its `mask_time_min_masks`).
 - `freeze`: 'none', 'feature_encoder' (the CNN gets no gradient: the standard fine-tuning recipe) or 'encoder'
   (the whole encoder: pooling and head train on frozen hidden states).
 """
@@ -51,7 +52,7 @@ class AttentionPooling(nn.Module):
 class ChainHead(nn.Module):
   """K outputs where output k also reads outputs 1..k-1 (a classifier chain, as the 2022 FewShot and A-VB winners
   put on the 10 emotions): y_k = h . w_k + sum_{j<k} y_j v_jk + b_k, with y_j the teacher's values when given
-  (training: the labels) and the model's own outputs otherwise. The outputs are linear, as Emo18's: predictions
+  (training: the labels; where one is unknown, the model's own output) and the model's own outputs otherwise. The outputs are linear, as Emo18's: predictions
   of the labels themselves."""
   num_outputs: int
 
@@ -60,13 +61,16 @@ class ChainHead(nn.Module):
     k = self.num_outputs
     base = nn.Dense(k, name="features")(h)
     chain = jnp.triu(self.param("chain", nn.initializers.zeros_init(), (k, k)), 1)  # [j, k], j < k only
-    if teacher is not None:
-      return base + teacher.astype(base.dtype) @ chain
     outputs = []
     for i in range(k):
       earlier = jnp.stack(outputs, axis=-1) @ chain[:i, i] if i else 0.0
       outputs.append(base[:, i] + earlier)
-    return jnp.stack(outputs, axis=-1)
+    own = jnp.stack(outputs, axis=-1)
+    if teacher is None:
+      return own
+    # Teacher forcing; where a label is unknown (NaN) the chain reads the model's own output there, as at inference.
+    teacher = jnp.where(jnp.isfinite(teacher), teacher.astype(base.dtype), jax.lax.stop_gradient(own))
+    return base + teacher @ chain
 
 
 class SpeechModel(nn.Module):

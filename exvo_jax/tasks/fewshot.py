@@ -356,8 +356,21 @@ def check_config(config):
   config_check.choice(config, "adaptation", ADAPTATIONS)
   config_check.choice(config, "val_split", SPLITS[config.data.dataset][1:2])
   config_check.choice(config, "model", MODELS)
+  target = emo18_trainer.make_target(config.data.dataset)
   if config.model == "ssl":
-    ssl_trainer.check_config(config, emo18_trainer.make_target(config.data.dataset))
+    ssl_trainer.check_config(config, target)
+  if config.adaptation in ("finetune", "maml", "fomaml"):  # they adapt the parameters named by adapt_subset
+    model = make_model(config, target)
+    audio = jax.ShapeDtypeStruct((1, schema.SAMPLE_RATE), jnp.float32)
+    length = jax.ShapeDtypeStruct((1,), jnp.int32)
+    names = sorted(jax.eval_shape(lambda a, n: model.init(jax.random.key(0), a, n, train=False), audio,
+                                  length)["params"])
+    unmatched = [p for p in config.adapt_subset if not any(n.startswith(p) for n in names)]
+    if unmatched or not config.adapt_subset:
+      raise config_check.ConfigError(
+          f"--config.adapt_subset={tuple(config.adapt_subset)!r}: {', '.join(map(repr, unmatched)) or 'nothing'} "
+          f"names no parameter of the {config.model} model; its top-level parameters are {', '.join(names)} "
+          f"(e.g. {'pooling,head' if config.model == 'ssl' else 'lstm,head'})")
 
 
 def run(config, workdir):
