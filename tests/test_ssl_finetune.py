@@ -136,6 +136,20 @@ def test_freezing_stops_exactly_the_frozen_parameters_gradients(freeze, frozen):
     assert np.abs(np.asarray(grads[("encoder", "masked_spec_embed")])).max() > 0
 
 
+def test_remat_per_layer_recomputes_the_same_outputs_and_gradients():
+  audio, length = _batch()
+  plain, remat = _model(), _model(remat=True)
+  params = plain.init(jax.random.key(0), audio, length)["params"]
+
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, audio, length)["outputs"] ** 2)
+
+  np.testing.assert_allclose(loss(remat, params), loss(plain, params), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(jax.grad(lambda p: loss(remat, p))(params)),
+                  jax.tree.leaves(jax.grad(lambda p: loss(plain, p))(params)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_training_draws_masks_and_dropout_from_its_rngs_and_evaluation_is_deterministic():
   model = _model(mask_time_prob=0.3)
   audio, length = _batch()
