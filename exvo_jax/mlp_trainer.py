@@ -97,9 +97,13 @@ def encoder_summary(config):
   stay as they were)."""
   if "ssl" not in config.features.sets:
     return {}
-  return {"encoder": {"checkpoint": config.encoder.checkpoint or None, "untrained": not config.encoder.checkpoint,
-                      "layer": str(config.encoder.layer), "pooling": config.encoder.pooling,
-                      **({"seed": config.encoder.seed} if not config.encoder.checkpoint else {})}}
+  return {"encoder": {**encoder_identity(config.encoder), "pooling": config.encoder.pooling}}
+
+
+def encoder_identity(encoder):
+  """Which encoder `config.encoder` names, for metrics.json: its checkpoint (or the random one's seed) and layer."""
+  return {"checkpoint": encoder.checkpoint or None, "untrained": not encoder.checkpoint, "layer": str(encoder.layer),
+          **({"seed": encoder.seed} if not encoder.checkpoint else {})}
 
 
 def encoder_config(config):

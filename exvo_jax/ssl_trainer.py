@@ -138,12 +138,6 @@ def make_state_fn(config, model, encoder):
   def make_state(sample):
     variables = model.init({"params": jax.random.key(config.seed)}, sample["audio"], sample["length"])
     params = dict(variables["params"])
-    fresh = jax.tree_util.tree_leaves_with_path(params["encoder"])
-    loaded = dict(jax.tree_util.tree_leaves_with_path(encoder.params))
-    for path, leaf in fresh:
-      if path not in loaded or loaded[path].shape != leaf.shape:
-        raise ValueError(f"encoder parameter {jax.tree_util.keystr(path)} {leaf.shape} is not in the loaded "
-                         "encoder with that shape")
     params["encoder"] = jax.tree.map(jnp.asarray, encoder.params)
     rates = learning_rates(params, encoder.config, config.learning_rate, config.ssl.encoder_learning_rate,
                            config.ssl.layer_decay)
@@ -212,7 +206,4 @@ def report_short_clips(splits, encoder_config, log=print):
 
 def summary(config):
   """What metrics.json records of the fine-tuned encoder."""
-  encoder = config.encoder
-  return {"encoder": {"checkpoint": encoder.checkpoint or None, "untrained": not encoder.checkpoint,
-                      "layer": str(encoder.layer), **({"seed": encoder.seed} if not encoder.checkpoint else {})},
-          "ssl": {k: v for k, v in config.ssl.items()}}
+  return {"encoder": mlp_trainer.encoder_identity(config.encoder), "ssl": dict(config.ssl.items())}
