@@ -6,7 +6,9 @@ function: MAML differentiates through it (second order), first-order MAML stops 
 gradients.
 
 `speaker_normalise` z-normalises features (e.g. the Emo18 embedding) with each speaker's own statistics, estimated
-from that speaker's clips without their labels.
+from that speaker's clips without their labels (optionally shrunk toward global statistics); `restandardise` maps
+them back onto global moments; `batch_norm_statistics` re-estimates a network's BatchNorm statistics over one
+speaker's clips; `support_offset` is a shrunk per-speaker output bias from labelled support clips.
 """
 
 import flax
@@ -16,15 +18,22 @@ import numpy as np
 
 
 def subset_mask(params, prefixes):
-  """A pytree of bools over `params`: True for leaves whose top-level key starts with one of `prefixes`.
+  """A pytree of bools over `params`: True for leaves whose path ('/'-joined names) starts with one of `prefixes`.
 
-  E.g. prefixes ('lstm', 'head') selects the LSTM layers and the output layer of Emo18; () selects everything.
+  E.g. ('lstm', 'head') selects the LSTM layers and the output layer of Emo18, ('head/bias',) the output bias
+  alone, ('encoder/MaskedBatchNorm', 'head/bias') the BatchNorm scales and shifts and the output bias; () selects
+  everything.
   """
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  marks = {path: (not prefixes) or any(str(path[0]).startswith(p) for p in prefixes) for path in flat}
+  marks = {path: (not prefixes) or any(path_name(path).startswith(p) for p in prefixes) for path in flat}
   if not any(marks.values()):
     raise ValueError(f"no parameters match {prefixes}; top-level keys are {sorted({p[0] for p in flat})}")
   return flax.traverse_util.unflatten_dict(marks)
+
+
+def path_name(path):
+  """('encoder', 'MaskedBatchNorm_0', 'scale') -> 'encoder/MaskedBatchNorm_0/scale'."""
+  return "/".join(str(k) for k in path)
 
 
 def inner_loop(loss_fn, params, support, *, steps, learning_rate, mask, anchor_weight=0.0, first_order=False):
@@ -61,13 +70,26 @@ def inner_loop(loss_fn, params, support, *, steps, learning_rate, mask, anchor_w
   return params
 
 
-def speaker_statistics(features, speakers, min_std=1e-6):
-  """Per-speaker mean and std of features [N, D] over each speaker's clips: {speaker: (mean [D], std [D])}."""
+def speaker_statistics(features, speakers, min_std=1e-6, prior=None, prior_clips=0.0, min_std_fraction=0.0):
+  """Per-speaker mean and std of features [N, D] over each speaker's clips: {speaker: (mean [D], std [D])}.
+
+  With `prior` = (mean [D], std [D]) (e.g. the training set's) the estimates are shrunk toward it as if the speaker
+  had `prior_clips` more clips with the prior's moments (mean and variance each a weighted average: n / (n + k) of
+  the speaker's own), and no std falls below `min_std_fraction` of the prior's: a speaker with few or alike clips
+  is not blown up along directions it barely varies in.
+  """
   features = np.asarray(features, np.float64)
   stats = {}
   for speaker in np.unique(speakers):
     rows = features[speakers == speaker]
-    stats[speaker] = (rows.mean(0), np.maximum(rows.std(0), min_std))
+    mean, var = rows.mean(0), rows.var(0)
+    if prior is not None:
+      weight = len(rows) / (len(rows) + prior_clips)
+      prior_mean, prior_std = (np.asarray(v, np.float64) for v in prior)
+      mean = weight * mean + (1 - weight) * prior_mean
+      var = weight * var + (1 - weight) * prior_std ** 2
+      var = np.maximum(var, (min_std_fraction * prior_std) ** 2)
+    stats[speaker] = (mean, np.maximum(np.sqrt(var), min_std))
   return stats
 
 
@@ -80,6 +102,59 @@ def speaker_normalise(features, speakers, stats=None):
     rows = speakers == speaker
     out[rows] = (features[rows] - mean) / std
   return out.astype(np.float32)
+
+
+def restandardise(features, speakers, stats, reference):
+  """features [N, D] -> each row standardised with its speaker's `stats` and mapped onto `reference` = (mean [D],
+  std [D]), e.g. the training embeddings' global moments: a speaker's clips take the spread and centre the model's
+  own read-out was trained on, so no read-out is refitted."""
+  mean, std = (np.asarray(v, np.float64) for v in reference)
+  return (speaker_normalise(features, speakers, stats).astype(np.float64) * std + mean).astype(np.float32)
+
+
+def support_offset(residuals, prior_clips):
+  """A speaker's output offset from its support clips' residuals (labels - predictions) [S, K]: their mean, shrunk
+  toward 0 as if `prior_clips` more clips had residual 0 (S / (S + k) of the mean)."""
+  residuals = np.asarray(residuals, np.float64)
+  return (residuals.sum(0) / (len(residuals) + prior_clips)).astype(np.float32)
+
+
+def batch_norm_statistics(model, variables, batches):
+  """BatchNorm statistics re-estimated over `batches` (e.g. one speaker's clips, labels unused): the running
+  statistics of `variables` replaced by the exact mean and variance over every batch's valid frames.
+
+  `model` has a `bn_momentum` attribute (Emo18): a clone with momentum 0 makes one training-mode pass return a
+  batch's own statistics; batches are combined by their counts of valid frames (`frames` of each batch). Every
+  BatchNorm layer's statistics come from the layers below it normalised batch by batch, so with more than one
+  batch the deeper layers' statistics are an estimate; one batch gives them exactly.
+
+  Args:
+    batches: iterable of (audio [B, T] float32, lengths [B] int32, frames: valid frames of the batch).
+  Returns:
+    `variables` with new `batch_stats` (a tree of {'mean', 'var'}).
+  """
+  clone = model.clone(bn_momentum=0.0, bn_axis_name=None)
+  collect = jax.jit(lambda v, audio, lengths: clone.apply(v, audio, lengths, train=True,
+                                                          mutable=["batch_stats"])[1]["batch_stats"])
+  total, sums = 0.0, {}
+  for audio, lengths, frames in batches:
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(collect(variables, audio, lengths)))
+    for path, value in flat.items():
+      layer, moment = path[:-1], path[-1]
+      value = np.asarray(value, np.float64)
+      if moment == "var":  # combined as E[x^2] = var + mean^2 of each batch
+        value = value + np.asarray(flat[(*layer, "mean")], np.float64) ** 2
+      sums[path] = sums.get(path, 0.0) + frames * value
+    total += frames
+  if not total:
+    raise ValueError("batch_norm_statistics: no valid frames in the batches")
+  new = {}
+  for path, value in sums.items():
+    value = value / total
+    if path[-1] == "var":
+      value = np.maximum(value - (sums[(*path[:-1], "mean")] / total) ** 2, 0.0)
+    new[path] = value.astype(np.float32)
+  return {**variables, "batch_stats": flax.traverse_util.unflatten_dict(new)}
 
 
 def fit_linear_head(features, targets, *, kind, l2=1.0, steps=300, learning_rate=0.05, num_classes=None):

@@ -13,6 +13,7 @@ resume and exits 0, and the rerun redoes only the unfinished pass.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -95,6 +96,18 @@ def process_zero_first(build, what):
   if int(stopped):
     raise preempted or Preempted(f"process 0 was stopped while building {what}")
   return result if jax.process_index() == 0 else build()
+
+
+def from_process_zero(value):
+  """A JSON-able `value` as process 0 has it, on every process (e.g. a file only process 0 reads: the workdir of a
+  multi-host run need not be shared). Single-process: `value` itself."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+  data = data if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).decode())
 
 
 def check_workdir(workdir, min_free_bytes=MIN_FREE_BYTES):

@@ -118,7 +118,8 @@ def test_finetuning_restarts_from_the_same_parameters_for_every_speaker():
   sample = split.batch([0], fewshot._options(config))
   variables = model.init(jax.random.PRNGKey(0), sample["audio"], sample["length"])
   before = jax.tree.map(np.array, variables)
-  predictions = fewshot.personalise(config, model, target, variables, "finetune", split, None, None, episodes)
+  personaliser = fewshot.Personaliser(model, target, variables, split, None, None, None, None)
+  predictions = personaliser.predict(config, "finetune", episodes)
   np.testing.assert_allclose(predictions[2], predictions[8], atol=1e-6)  # B adapted after C: same start as A
   query = split.batch([2], fewshot._options(config))  # the same clip (A's query), before adaptation
   unadapted = np.asarray(model.apply(variables, query["audio"], query["length"])["outputs"][0])
@@ -267,11 +268,19 @@ def _train_split(rng, num_outputs=None):
   return split, embeddings.astype(np.float32)
 
 
+def _read_out(target, train, embeddings, l2, per_speaker=True):
+  """speaker_norm's read-out (per_speaker) or refit's, as FewShot fits it on the training split's embeddings."""
+  config = fewshot_config.get_config("smoke")
+  config.read_out_l2 = l2
+  return fewshot.Personaliser(None, target, None, None, None, None, train, lambda: embeddings).read_out(
+      config, per_speaker=per_speaker)
+
+
 def test_fit_read_out_is_ridge_on_per_speaker_normalised_labelled_training_rows():
   rng = np.random.default_rng(4)
   train, embeddings = _train_split(rng)
   target = emo18_trainer.make_target("hume_vb")
-  head = fewshot.fit_read_out(target, {"train": train, "validation": None}, embeddings, 2.0)
+  head = _read_out(target, train, embeddings, 2.0)
   rows = train.labelled
   normalised = _z_score_per_speaker(embeddings[rows], train.speaker[rows])
   reference = Ridge(alpha=2.0).fit(normalised, train.labels[rows])
@@ -284,8 +293,106 @@ def test_fit_read_out_for_categories_is_softmax_regression_on_normalised_rows():
   rng = np.random.default_rng(5)
   train, embeddings = _train_split(rng, num_outputs=3)
   target = targets.Target("category", "category", "classification", ("x", "y", "z"), "logits", "uar", ("C",))
-  head = fewshot.fit_read_out(target, {"train": train}, embeddings, 1.0)
+  head = _read_out(target, train, embeddings, 1.0)
   rows = train.labelled
   normalised = _z_score_per_speaker(embeddings[rows], train.speaker[rows])
   assert head["kernel"].shape == (3, 3)
   _assert_softmax_solution(head, normalised, train.labels[rows], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The candidates of issue 20: parameters by path, shrunk statistics, restandardising, the support offset, and
+# BatchNorm statistics per speaker.
+
+
+def test_subset_mask_selects_deeper_parameters_by_their_path():
+  params = {"encoder": {"Conv_0": {"kernel": 1.0}, "MaskedBatchNorm_0": {"scale": 1.0, "bias": 1.0},
+                        "MaskedBatchNorm_1": {"scale": 1.0, "bias": 1.0}},
+            "lstm_0": {"w": 1.0}, "lstm_1": {"w": 1.0}, "head": {"kernel": 1.0, "bias": 1.0}}
+
+  def chosen(prefixes):
+    flat = jax.tree_util.tree_flatten_with_path(adaptation.subset_mask(params, prefixes))[0]
+    return {"/".join(k.key for k in path) for path, leaf in flat if leaf}
+
+  assert chosen(("head/bias",)) == {"head/bias"}
+  assert chosen(("encoder/MaskedBatchNorm", "head/bias")) == {
+      "encoder/MaskedBatchNorm_0/scale", "encoder/MaskedBatchNorm_0/bias", "encoder/MaskedBatchNorm_1/scale",
+      "encoder/MaskedBatchNorm_1/bias", "head/bias"}
+  assert chosen(("lstm", "head")) == {"lstm_0/w", "lstm_1/w", "head/kernel", "head/bias"}  # top-level names as before
+  with pytest.raises(ValueError, match="no parameters match"):
+    adaptation.subset_mask(params, ("head/scale",))
+
+
+def test_shrunk_speaker_statistics_by_hand():
+  """A speaker with clips 0 and 2 (mean 1, variance 1) and a prior of mean 5, std 3 worth 2 clips: mean
+  (2 * 1 + 2 * 5) / 4 = 3, variance (2 * 1 + 2 * 9) / 4 = 5; with a floor of 0.9 of the prior's std, 2.7."""
+  features, speakers = np.array([[0.0], [2.0]]), np.array(["a", "a"])
+  prior = (np.array([5.0]), np.array([3.0]))
+  (mean, std), = adaptation.speaker_statistics(features, speakers, prior=prior, prior_clips=2.0).values()
+  np.testing.assert_allclose([mean[0], std[0]], [3.0, np.sqrt(5.0)])
+  (mean, std), = adaptation.speaker_statistics(features, speakers, prior=prior, prior_clips=2.0,
+                                               min_std_fraction=0.9).values()
+  np.testing.assert_allclose([mean[0], std[0]], [3.0, 2.7])
+  (mean, std), = adaptation.speaker_statistics(features, speakers).values()  # no prior: the speaker's own
+  np.testing.assert_allclose([mean[0], std[0]], [1.0, 1.0])
+
+
+def test_restandardise_gives_every_speaker_the_reference_moments():
+  rng = np.random.default_rng(7)
+  speakers = np.repeat(["a", "b", "c"], 20)
+  features = rng.normal(size=(60, 4)) * rng.uniform(0.2, 5, (3, 1, 4)).repeat(20, 0).reshape(60, 4) \
+      + np.repeat(rng.normal(0, 10, (3, 4)), 20, 0)
+  reference = (np.array([1.0, -2.0, 0.0, 3.0]), np.array([0.5, 2.0, 1.0, 4.0]))
+  out = adaptation.restandardise(features, speakers, adaptation.speaker_statistics(features, speakers), reference)
+  for speaker in "abc":
+    rows = out[speakers == speaker].astype(np.float64)
+    np.testing.assert_allclose(rows.mean(0), reference[0], atol=1e-5)
+    np.testing.assert_allclose(rows.std(0), reference[1], rtol=1e-5)
+
+
+def test_support_offset_is_the_mean_residual_shrunk_toward_zero():
+  residuals = np.array([[1.0, 2.0], [3.0, -2.0]])
+  np.testing.assert_allclose(adaptation.support_offset(residuals, prior_clips=2.0), [1.0, 0.0])  # [4, 0] / 4
+  np.testing.assert_allclose(adaptation.support_offset(residuals, prior_clips=0.0), [2.0, 0.0])
+
+
+def _first_conv_moments(model_params, audio, lengths):
+  """Reference for the first BatchNorm's input: Emo18's first convolution (kernel 8, padding 3, no bias) applied to
+  every valid 1,600-sample frame with numpy's correlate, its mean and population variance per channel over all
+  positions of the valid frames."""
+  kernel = np.asarray(model_params["encoder"]["Conv_0"]["kernel"], np.float64)[:, 0, :]  # [8, 64]
+  outputs = []
+  for clip, length in zip(np.asarray(audio, np.float64), lengths):
+    for f in range(-(-int(length) // emo18.FRAME_SAMPLES)):
+      frame = np.pad(clip[f * emo18.FRAME_SAMPLES:(f + 1) * emo18.FRAME_SAMPLES], 3)
+      outputs.append(np.stack([np.correlate(frame, kernel[:, c], "valid") for c in range(kernel.shape[1])], -1))
+  outputs = np.concatenate(outputs)
+  return outputs.mean(0), outputs.var(0)
+
+
+def test_batch_norm_statistics_are_the_moments_of_the_speakers_valid_frames():
+  model = emo18.Emo18(hidden=8)
+  rng = np.random.default_rng(3)
+  lengths = np.array([4000, 2500, 4800], np.int32)
+  audio = np.zeros((3, 4800), np.float32)
+  for i, n in enumerate(lengths):
+    audio[i, :n] = rng.normal(0, 0.3, n) + 0.2 * np.sin(np.arange(n) / (5 + i))
+  variables = model.init(jax.random.PRNGKey(0), jnp.asarray(audio), jnp.asarray(lengths))
+  before = jax.tree.map(np.array, variables)
+  frames = lambda n: int(np.sum(-(-n // emo18.FRAME_SAMPLES)))
+  adapted = adaptation.batch_norm_statistics(model, variables, [(audio, lengths, frames(lengths))])
+  mean, var = _first_conv_moments(variables["params"], audio, lengths)
+  stats = adapted["batch_stats"]["encoder"]
+  np.testing.assert_allclose(stats["MaskedBatchNorm_0"]["mean"], mean, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats["MaskedBatchNorm_0"]["var"], var, rtol=1e-4, atol=1e-7)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(variables))  # the trained model is untouched
+  assert adapted["params"] is variables["params"]
+  # In two batches (the third clip alone, padded to 4,800 like the first two), the first layer's moments combine
+  # exactly; the deeper layers see inputs normalised per batch, so theirs are close, not equal.
+  split = adaptation.batch_norm_statistics(model, variables, [(audio[:2], lengths[:2], frames(lengths[:2])),
+                                                               (audio[2:], lengths[2:], frames(lengths[2:]))])
+  for moment in ("mean", "var"):
+    np.testing.assert_allclose(split["batch_stats"]["encoder"]["MaskedBatchNorm_0"][moment],
+                               stats["MaskedBatchNorm_0"][moment], rtol=1e-4, atol=1e-7)
+    assert not np.allclose(stats["MaskedBatchNorm_2"][moment],
+                           before["batch_stats"]["encoder"]["MaskedBatchNorm_2"][moment])  # re-estimated too

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ import scipy.stats
 
 import smoke
 from configs import fewshot as fewshot_config
+from exvo_jax import config_check
 from exvo_jax import emo18_trainer
 from exvo_jax.data import schema
 from exvo_jax.tasks import fewshot
@@ -47,6 +49,8 @@ def test_support_and_query_sets():
 
 def test_table4_variants():
   assert fewshot_config.get_config().hidden == 256
+  assert fewshot_config.get_config().adaptation == "speaker_bn+embedding_norm"  # the measured default
+  assert fewshot_config.get_config("model=ssl").adaptation == "embedding_norm"  # no BatchNorm in the speech model
   assert fewshot_config.get_config("hidden=64").hidden == 64
   assert fewshot_config.get_config("adaptation=maml").adaptation == "maml"
   config = fewshot_config.get_config()
@@ -58,10 +62,10 @@ def test_table4_variants():
 def test_smoke_end_to_end_writes_metrics_and_submission(smoke_run):
   tmp_path, stdout = smoke_run
   result = json.loads((tmp_path / "metrics.json").read_text())
-  assert set(result["results"]) == {"none", "speaker_norm"}
+  assert set(result["results"]) == {"none", "speaker_bn+embedding_norm"}
   for scores in result["results"].values():
     assert set(scores) == {*schema.EMOTIONS, "mean_ccc"} and all(np.isfinite(v) for v in scores.values())
-  assert "| none |" in stdout and "| speaker_norm |" in stdout and "Awe" in stdout
+  assert "| none |" in stdout and "| speaker_bn+embedding_norm |" in stdout and "Awe" in stdout
   corpus = pathlib.Path(os.environ["EXVO_CACHE"], "demo", "demo-tiny-seed0")
   with open(corpus / "data_info.csv") as f:
     test_rows = [r for r in csv.DictReader(f) if r["Split"] == "Test"]
@@ -125,8 +129,14 @@ def test_speaker_norm_plus_finetune_adapts_the_read_out_on_the_normalised_suppor
   target = emo18_trainer.make_target("hume_vb")
   config = fewshot_config.get_config("smoke")
   config.finetune.steps, config.finetune.learning_rate, config.finetune.anchor_weight = 3, 0.1, 0.0
+  class GivenReadOut(fewshot.Personaliser):
+    def read_out(self, config, per_speaker):
+      assert per_speaker
+      return read_out
+
+  personaliser = GivenReadOut(None, target, None, split, None, embeddings, None, None)
   for mode, steps in (("speaker_norm", 0), ("speaker_norm+finetune", 3)):
-    predictions = fewshot.personalise(config, None, target, None, mode, split, None, embeddings, episodes, read_out)
+    predictions = personaliser.predict(config, mode, episodes)
     assert sorted(predictions) == [2, 3, 4, 7, 8, 9]
     for support, query in episodes.values():
       rows = np.concatenate([support, query])
@@ -155,3 +165,92 @@ def test_rows_by_speaker_matches_a_scan_per_speaker():
     assert got.keys() == expected.keys()
     for s in expected:
       np.testing.assert_array_equal(got[s], expected[s])
+
+
+def test_episodes_with_other_class_queries_never_query_a_support_class():
+  speakers = np.repeat([f"s{i}" for i in range(4)], 12)
+  labels = np.tile(np.arange(6).repeat(2), 4)  # each speaker: classes 0..5, two clips each
+  split = emo18_trainer.Split(None, np.arange(48).astype(str), speakers, labels, np.ones(48, bool))
+  classes = labels
+  rng = np.random.default_rng(0)
+  episodes = fewshot.sample_episodes(split, rng, num_episodes=200, num_support=2, num_query=4, classes=classes)
+  assert episodes.shape == (200, 6)
+  for row in episodes:
+    assert len(set(speakers[row])) == 1 and len(set(row)) == 6
+    assert not set(classes[row[2:]]) & set(classes[row[:2]])
+  plain = fewshot.sample_episodes(split, rng, num_episodes=200, num_support=2, num_query=4)
+  assert any(set(classes[row[2:]]) & set(classes[row[:2]]) for row in plain)  # without it they do overlap
+  with pytest.raises(ValueError, match="fewer than config.maml.num_query=9"):
+    fewshot.sample_episodes(split, rng, num_episodes=4, num_support=2, num_query=9, classes=classes)
+
+
+def test_comparison_rows_take_their_own_settings_and_typos_fail_before_any_work():
+  config = fewshot_config.get_config("smoke")
+  mode, row = fewshot.parse_row(config, "finetune[adapt_subset=encoder/MaskedBatchNorm+head/bias,"
+                                        "finetune.anchor_weight=0.5,finetune.steps=7]")
+  assert mode == "finetune" and row.adaptation == "finetune"
+  assert row.adapt_subset == ("encoder/MaskedBatchNorm", "head/bias")
+  assert (row.finetune.anchor_weight, row.finetune.steps) == (0.5, 7) and isinstance(row.finetune.steps, int)
+  assert config.finetune.steps == 5 and config.adapt_subset == ("lstm", "head")  # the run's own config untouched
+  _, row = fewshot.parse_row(config, "maml[maml.query_other_classes=True]")
+  assert row.maml.query_other_classes is True
+  for bad, message in (("finetune[finetune.stepz=3]", "no config key 'finetune.stepz'"),
+                       ("finetun", "adaptation 'finetun' is not one of"),
+                       ("finetune[finetune.steps=many]", "takes a number"),
+                       ("maml[maml.query_other_classes=yes]", "takes True or False"),
+                       ("finetune[finetune=3]", "not a setting a row can change"),
+                       ("finetune[adapt_subset=lstm_9]", "'lstm_9' names no parameter of the emo18 model")):
+    config.compare = (bad,)
+    with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+      fewshot.check_config(config)
+  config.compare = fewshot_config.get_config("compare").compare
+  fewshot.check_config(config)  # every default row is valid
+
+
+def test_adaptations_that_do_not_apply_are_refused_before_any_work():
+  config = fewshot_config.get_config("smoke,emogator,adaptation=support_bias")
+  with pytest.raises(config_check.ConfigError, match="target is a classification"):
+    fewshot.check_config(config)
+  config = fewshot_config.get_config("smoke,model=ssl,adaptation=speaker_bn")
+  with pytest.raises(config_check.ConfigError, match="the ssl model has no BatchNorm"):
+    fewshot.check_config(config)
+  config = fewshot_config.get_config("smoke,model=ssl,adaptation=embedding_norm")
+  config.ssl.chain = True
+  with pytest.raises(config_check.ConfigError, match="the head is a chain"):
+    fewshot.check_config(config)
+  for arg in ("compare,emogator", "compare,model=ssl", "compare,model=ssl,emogator"):
+    fewshot.check_config(fewshot_config.get_config(arg))  # the comparison's rows are those that apply
+
+
+def test_the_comparison_through_main_keeps_its_finished_rows_across_sigterm(smoke_run, tmp_path):
+  """The comparison from the smoke run's base model, 2 support draws: SIGTERM in the third row exits 0 with the
+  finished rows kept; the rerun takes them, meta-trains nothing again, and ends with the uninterrupted run's table."""
+  reference, _ = smoke_run
+  flags = ("--config.compare=('maml[maml.query_other_classes=True]','speaker_bn','refit','support_bias')",
+           "--config.support_draws=2")
+  for name in ("whole", "stopped"):
+    (tmp_path / name).mkdir()
+    shutil.copytree(reference / "checkpoints" / "base", tmp_path / name / "checkpoints" / "base")
+  whole = smoke.run_main(SMOKE, tmp_path / "whole", *flags, devices=1)
+  # score_draw calls: none 1-2, maml 3-4, speaker_bn 5 (its second draw reuses its per-speaker pass), refit stops.
+  stopped = smoke.run_main(SMOKE, tmp_path / "stopped", *flags, devices=1,
+                           sigterm_at=("exvo_jax.evaluation.personalisation:score_draw", 5))
+  assert "preempted" in stopped.stdout and not (tmp_path / "stopped" / "metrics.json").exists(), stopped.stdout[-2000:]
+  assert len(list((tmp_path / "stopped" / "comparison").glob("*.json"))) == 3
+  rerun = smoke.run_main(SMOKE, tmp_path / "stopped", *flags, devices=1)
+  for row in ("none", "maml[maml.query_other_classes=True]", "speaker_bn"):
+    assert f"comparison: {row}: kept from" in rerun.stdout
+  assert "meta-training" not in rerun.stdout  # the kept MAML row needs no meta-learned model
+  got, expected = (json.loads((tmp_path / d / "metrics.json").read_text())["comparison"] for d in ("stopped", "whole"))
+  assert got == expected
+  rows = expected["rows"]
+  assert list(rows) == ["none", "maml[maml.query_other_classes=True]", "speaker_bn", "refit", "support_bias",
+                        "speaker_bn+embedding_norm"]  # no adaptation first, the run's own adaptation last
+  assert expected["seeds"] == [0, 1] and all(len(r["draws"]) == 2 for r in rows.values())
+  assert rows["none"]["gain"] == 0 and rows["none"]["unchanged"] == 2 * 3  # 3 Val speakers of the tiny corpus
+  for r in rows.values():
+    assert r["helped"] + r["hurt"] + r["unchanged"] == 6 and np.isfinite(r["mean"])
+  table = (tmp_path / "whole" / "comparison.md").read_text()
+  assert "| speaker_bn |" in table and "helped / hurt / unchanged (of 6)" in table
+  assert "| adaptation | Awe |" in table  # the per-emotion means, Table 4's columns
+  assert "validation: 3 speakers" in whole.stdout

@@ -60,8 +60,10 @@ def _results(workdir):
 # differs between gloo (2 processes) and XLA's in-process reduction (measured: 3 of 196,608 encoder weights apart
 # by up to 2.5e-6). Any difference in the episodes would move nearly every weight by ~1e-4.
 TWO_PROCESS_RUNS = {
+    # With the comparison of a few more adaptations on 2 support draws (its rows kept by process 0 alone).
     "fewshot_maml": ("configs/fewshot.py:smoke,adaptation=maml", {"checkpoints/base": 1e-6, "checkpoints/maml": 1e-5},
-                     lambda result: result["results"]),
+                     lambda result: {**result["results"], **{f"compare {row}": r["draws"]
+                                                             for row, r in result["comparison"]["rows"].items()}}),
     "multitask": ("configs/multitask.py:smoke", {"seed0/checkpoints": 1e-6, "seed1/checkpoints": 1e-6},
                   lambda result: [s["val"] for s in result["seeds"]]),
     # Encoder embeddings, each run with its own fresh feature cache: the two processes split the extraction.
@@ -76,6 +78,8 @@ def test_two_processes_match_one_process(tmp_path, run):
   so the same parameters and metrics (FewShot: the base model and MAML meta-training; MultiTask: both seeds)."""
   config, stages, compared = TWO_PROCESS_RUNS[run]
   flags, cache_one, cache_two = (), {}, {}
+  if "fewshot" in config:
+    flags = ("--config.compare=('speaker_bn','embedding_norm','support_bias')", "--config.support_draws=2")
   if "ssl" in config:  # the corpus and its records from the session's cache, the embeddings into fresh ones
     root = corpus.locate("", dataset="hume_vb", demo_size="tiny", demo_seed=0)
     flags = (f"--config.data.root={root}", f"--config.data.tfds_dir={builders.default_data_dir(root)}")

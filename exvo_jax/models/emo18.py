@@ -79,6 +79,7 @@ class FrameEncoder(nn.Module):
   """[N, 1600] frames -> [N, 512] features (three conv blocks)."""
   train: bool
   bn_axis_name: str | None = None
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, frames, frame_mask):
@@ -88,7 +89,8 @@ class FrameEncoder(nn.Module):
       # float noise into +-lr steps (which also made 1- and 8-device runs drift apart).
       x = nn.Conv(channels, (kernel,), padding=[(padding, padding)], use_bias=False,
                   kernel_init=kaiming_uniform)(x)
-      x = MaskedBatchNorm(use_running_average=not self.train, axis_name=self.bn_axis_name)(x, frame_mask)
+      x = MaskedBatchNorm(use_running_average=not self.train, axis_name=self.bn_axis_name,
+                          momentum=self.bn_momentum)(x, frame_mask)
       x = nn.leaky_relu(x, negative_slope=0.01)
       x = _max_pool(x, pool)
     return x.reshape(x.shape[0], -1)
@@ -102,6 +104,8 @@ class Emo18(nn.Module):
     hidden: LSTM width (256 in the paper; ablations 64 and 128).
     num_layers: stacked LSTM layers.
     bn_axis_name: the data-parallel axis over which BatchNorm statistics are summed (None outside a mesh).
+    bn_momentum: weight of the old running statistics in each training-mode update; 0 makes them the batch's own
+      (how `adaptation.batch_norm_statistics` re-estimates them over one speaker's clips).
 
   Call: (audio [B, T] float32 with T a multiple of 1,600, lengths [B] int32 samples, train) ->
     {'outputs': [B, num_outputs], 'embedding': [B, hidden] (the LSTM output at the last valid frame,
@@ -111,6 +115,7 @@ class Emo18(nn.Module):
   hidden: int = 256
   num_layers: int = 2
   bn_axis_name: str | None = None
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, audio, lengths, train=False):
@@ -120,7 +125,8 @@ class Emo18(nn.Module):
     num_frames = samples // FRAME_SAMPLES
     valid_frames = frames_per_clip(lengths)
     frame_mask = jnp.arange(num_frames)[None, :] < valid_frames[:, None]  # [B, F]
-    features = FrameEncoder(train=train, bn_axis_name=self.bn_axis_name, name="encoder")(
+    features = FrameEncoder(train=train, bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum,
+                            name="encoder")(
         audio.reshape(batch * num_frames, FRAME_SAMPLES), frame_mask.reshape(-1))
     x = features.reshape(batch, num_frames, -1)
     for i in range(self.num_layers):

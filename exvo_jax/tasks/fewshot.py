@@ -13,19 +13,40 @@ works on it the same way, on its pooled embedding and its parameter subset (`ada
    very same clips.
 4. Predict the Test clips (support = the release's labelled Test clips) and write the ExVo-Few submission.
 
-Adaptations (`config.adaptation`, '+' combines speaker_norm with finetune):
-  none          the trained model as it is
-  finetune      per speaker, k gradient steps on the support clips (default subset: LSTM + head), restarting from
-                the trained model for every speaker (the reference code never reset it: a defect not copied)
-  maml, fomaml  meta-trained initialisation, then the same inner loop as finetune
-  speaker_norm  the LSTM embedding z-normalised with the speaker's own mean and std over ALL of that speaker's clips
-                (support and query audio, no labels), and a linear read-out refit on training embeddings normalised
-                the same way per training speaker
+Adaptations (`config.adaptation`):
+  none            the trained model as it is
+  finetune        per speaker, k gradient steps on the support clips (default subset: LSTM + head; a subset names
+                  top-level parameters or paths, e.g. 'head/bias' or 'encoder/MaskedBatchNorm'), restarting from
+                  the trained model for every speaker (the reference code never reset it: a defect not copied)
+  maml, fomaml    meta-trained initialisation, then the same inner loop as finetune (`maml.query_other_classes`:
+                  episodes query other classes than their support clips')
+  speaker_norm    the embedding z-normalised with the speaker's own mean and std over ALL of that speaker's clips
+                  (support and query audio, no labels), and a linear read-out refit on training embeddings
+                  normalised the same way per training speaker; speaker_norm+finetune: k steps of that read-out
+                  on the speaker's normalised support clips
+  refit           its control: the same read-out refit, on embeddings normalised with the training set's global
+                  moments (no speaker statistics)
+  embedding_norm  the embedding standardised with the speaker's moments (as speaker_norm, no labels) and mapped
+                  onto the training embeddings' global mean and std, read by the model's own head (no refit)
+  speaker_bn      Emo18's BatchNorm statistics re-estimated over all of the speaker's clips (no labels);
+                  speaker_bn+embedding_norm: then embedding_norm on the embeddings this gives
+  support_bias    (regression) the support clips' mean residual, shrunk toward 0, added to the speaker's outputs
+`config.speaker_norm` shrinks the speaker's moments toward the training ones (speaker_norm, embedding_norm).
+
+5. With `config.compare` (`:compare`), every listed adaptation (rows may carry their own settings) is scored from
+   the same trained model on `config.support_draws` support draws, with per-speaker counts and the support clips'
+   classes scored apart (`compare`, `exvo_jax/evaluation/personalisation.py`); written to comparison.md and
+   metrics.json.
 """
 
+import copy
+import hashlib
+import json
 import os
+import re
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +66,7 @@ from exvo_jax.data import builders
 from exvo_jax.data import corpus
 from exvo_jax.data import pipeline
 from exvo_jax.data import schema
+from exvo_jax.evaluation import personalisation
 from exvo_jax.models import emo18
 
 SPLITS = {"hume_vb": ("train", "validation", "test"), "emogator": ("train", "val")}
@@ -118,15 +140,31 @@ def make_meta_step(model, target, batch_stats, mask, maml, num_support, first_or
 # ---------------------------------------------------------------------------------------------------------------
 # Training.
 
-def sample_episodes(split, rng, *, num_episodes, num_support, num_query):
-  """Index arrays [E, S + Q] of episodes: each row one training speaker's support then query clips."""
+def sample_episodes(split, rng, *, num_episodes, num_support, num_query, classes=None):
+  """Index arrays [E, S + Q] of episodes: each row one training speaker's support then query clips.
+
+  With `classes` ([N] int, `personalisation.clip_classes`), the query clips are drawn from other classes than the
+  support clips': an inner loop that only learned the support clips' classes gains nothing on them.
+  """
   rows_of = rows_by_speaker(split.speaker, split.labelled)
   eligible = sorted(s for s, rows in rows_of.items() if len(rows) >= num_support + num_query)
   if not eligible:
     raise ValueError(f"no training speaker has {num_support + num_query} labelled clips for a MAML episode; "
                      "lower config.maml.num_query")
   speakers = rng.choice(eligible, size=num_episodes, replace=len(eligible) < num_episodes)
-  return np.stack([rng.choice(rows_of[s], size=num_support + num_query, replace=False) for s in speakers])
+  if classes is None:
+    return np.stack([rng.choice(rows_of[s], size=num_support + num_query, replace=False) for s in speakers])
+  episodes = []
+  for speaker in speakers:
+    rows = rows_of[speaker]
+    support = rng.choice(rows, size=num_support, replace=False)
+    others = rows[~np.isin(classes[rows], classes[support])]
+    if len(others) < num_query:
+      raise ValueError(f"training speaker {speaker}: {len(others)} labelled clips outside the classes of its support "
+                       f"clips, fewer than config.maml.num_query={num_query}; lower it or set "
+                       "--config.maml.query_other_classes=False")
+    episodes.append(np.concatenate([support, rng.choice(others, size=num_query, replace=False)]))
+  return np.stack(episodes)
 
 
 class EpisodeBatches:
@@ -138,8 +176,8 @@ class EpisodeBatches:
   processes. The position is the number of draws; `set_state` replays them (index draws only, no audio).
   """
 
-  def __init__(self, split, target, *, seed, num_episodes, num_support, num_query, options):
-    self.split, self.target, self.options = split, target, options
+  def __init__(self, split, target, *, seed, num_episodes, num_support, num_query, options, classes=None):
+    self.split, self.target, self.options, self.classes = split, target, options, classes
     self.num_episodes, self.num_support, self.num_query = num_episodes, num_support, num_query
     self.seed = seed
     self.rng, self.draws = np.random.default_rng(seed), 0
@@ -150,7 +188,7 @@ class EpisodeBatches:
   def _draw(self):
     self.draws += 1
     return sample_episodes(self.split, self.rng, num_episodes=self.num_episodes, num_support=self.num_support,
-                           num_query=self.num_query)
+                           num_query=self.num_query, classes=self.classes)
 
   def __iter__(self):
     return self
@@ -169,15 +207,17 @@ class EpisodeBatches:
       self._draw()
 
 
-def meta_train(config, model, target, variables, train, mesh, workdir, *, first_order, log=print):
+def meta_train(config, model, target, variables, train, mesh, workdir, *, first_order, log=print, directory=None):
   """MAML (or first-order MAML) from the trained model on the `train` Split; returns the meta-learned variables.
 
-  Checkpoints go to `checkpoints/maml` or `checkpoints/fomaml`: the two never resume each other's.
+  Checkpoints go to `directory`, by default `checkpoints/maml` or `checkpoints/fomaml`: the two never resume each
+  other's (a comparison row with other meta-training settings has its own, `row_meta_directory`).
   """
   mode = "fomaml" if first_order else "maml"
   maml = config.maml
   options = pipeline.AudioOptions(clip_samples=int(maml.clip_seconds * schema.SAMPLE_RATE), random_crop=True)
   mask = adaptation.subset_mask(variables["params"], tuple(config.adapt_subset))
+  classes = personalisation.clip_classes(target, train.labels) if maml.query_other_classes else None
 
   def make_state():
     # A copy: the meta step donates its state, and the trained model's buffers are still needed afterwards.
@@ -190,12 +230,13 @@ def meta_train(config, model, target, variables, train, mesh, workdir, *, first_
     raise ValueError(f"{episodes_per_step} episodes per meta-step are not divisible by the {jax.process_count()} "
                      "processes")
   trainer = loop.Trainer(
-      name=f"meta-training ({mode})", directory=meta_directory(workdir, mode), init_state=make_state,
+      name=f"meta-training ({mode})", directory=directory or meta_directory(workdir, mode), init_state=make_state,
       record=meta_record(config, mode),
       step=parallel.data_parallel(make_meta_step(model, target, variables["batch_stats"], mask, maml,
                                                  config.num_support, first_order), mesh),
       batches=lambda _: EpisodeBatches(train, target, seed=[config.seed, 7], num_episodes=episodes_per_step,
-                                       num_support=config.num_support, num_query=maml.num_query, options=options),
+                                       num_support=config.num_support, num_query=maml.num_query, options=options,
+                                       classes=classes),
       to_device=lambda batch: batch, max_to_keep=1, per_item=("episodes", episodes_per_step),
       progress_every_s=config.log_every_s, log=log)
   schedule = loop.Schedule(total_steps=maml.meta_steps, checkpoint_every=maml.checkpoint_every,
@@ -216,73 +257,163 @@ def _chunks(indices, size):
   return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
-def personalise(config, model, target, variables, mode, split, outputs, embeddings, episodes, read_out=None):
-  """Predictions for every query clip of `split` under `mode`; returns {index: prediction}.
+def _moments(x):
+  std = x.std(0, dtype=np.float64)
+  return x.mean(0, dtype=np.float64), np.where(std > 1e-6, std, 1.0)
+
+
+class Personaliser:
+  """Predictions for the query clips of one split under every adaptation of one trained model.
+
+  What adaptations and support draws share is computed once, when first needed: the training embeddings (a pass
+  over the Train split) with their moments and read-outs, and each speaker's BatchNorm pass (`speaker_bn` uses no
+  labels, so it is the same for every draw).
 
   Args:
-    variables: the model's variables (for maml/fomaml: the meta-learned ones).
-    mode: 'none', 'finetune', 'maml', 'fomaml', 'speaker_norm' or 'speaker_norm+finetune'.
-    outputs, embeddings: the model's outputs and embeddings of every clip of the split (no adaptation).
-    episodes: {speaker: (support, query)} from `support_query`.
-    read_out: for speaker_norm, the linear read-out fitted on normalised training embeddings.
+    model, target, variables: the trained model (base or, for maml/fomaml, meta-learned variables come per call).
+    split: the split adapted to (Val, Test); outputs, embeddings: the unadapted model's on every clip of it.
+    train, train_embeddings: the Train split and a () -> [N_train, H] callable giving its unadapted embeddings.
   """
-  modes = set(mode.split("+"))
-  predictions = {}
-  if modes == {"none"}:
-    for _, query in episodes.values():
-      predictions.update(zip(query.tolist(), outputs[query]))
-    return predictions
-  if "speaker_norm" in modes:
+
+  def __init__(self, model, target, variables, split, outputs, embeddings, train, train_embeddings):
+    self.model, self.target, self.variables, self.split = model, target, variables, split
+    self.outputs, self.embeddings = outputs, embeddings
+    self.train, self._train_embeddings, self._train_cache = train, train_embeddings, None
+    self._read_outs, self._bn_outputs = {}, {}
+
+  def train_embeddings(self):
+    """The labelled training clips' embeddings and their speakers, labels and global moments (mean, std)."""
+    if self._train_cache is None:
+      rows = self.train.labelled
+      embeddings = np.asarray(self._train_embeddings())[rows]
+      self._train_cache = (embeddings, self.train.speaker[rows], self.train.labels[rows], _moments(embeddings))
+    return self._train_cache
+
+  def _statistics(self, config, features, speakers):
+    """Per-speaker moments of `features` with `config.speaker_norm`'s shrinkage toward the training moments."""
+    settings = config.speaker_norm
+    prior = self.train_embeddings()[3] if settings.prior_clips or settings.min_std_fraction else None
+    return adaptation.speaker_statistics(features, speakers, prior=prior, prior_clips=settings.prior_clips,
+                                         min_std_fraction=settings.min_std_fraction)
+
+  def read_out(self, config, per_speaker):
+    """The linear read-out refit on the training embeddings, normalised per training speaker (speaker_norm) or with
+    the training set's global moments (refit, the control that changes nothing but the refit)."""
+    key = (per_speaker, config.read_out_l2, *(config.speaker_norm.values() if per_speaker else ()))
+    if key not in self._read_outs:
+      embeddings, speakers, labels, moments = self.train_embeddings()
+      normalised = (adaptation.speaker_normalise(embeddings, speakers, self._statistics(config, embeddings, speakers))
+                    if per_speaker else ((embeddings - moments[0]) / moments[1]).astype(np.float32))
+      self._read_outs[key] = adaptation.fit_linear_head(normalised, labels, kind=self.target.kind,
+                                                        l2=config.read_out_l2, num_classes=self.target.num_outputs)
+    return self._read_outs[key]
+
+  def predict(self, config, mode, episodes, variables=None):
+    """{query index: prediction} of every query clip of `episodes` ({speaker: (support, query)}) under `mode`."""
+    variables = variables or self.variables
+    modes = set(mode.split("+"))
+    if modes == {"none"}:
+      return {i: self.outputs[i] for _, query in episodes.values() for i in query.tolist()}
+    if "speaker_bn" in modes:
+      outputs, embeddings = self._speaker_bn(config, episodes, variables)
+      if modes == {"speaker_bn"}:
+        return {i: outputs[i] for _, query in episodes.values() for i in query.tolist()}
+      return self._embedding_modes(config, modes - {"speaker_bn"}, episodes,
+                                   lambda rows: np.stack([embeddings[i] for i in rows.tolist()]))
+    if modes & {"speaker_norm", "refit", "embedding_norm"}:
+      return self._embedding_modes(config, modes, episodes, lambda rows: self.embeddings[rows])
+    if mode == "support_bias":
+      predictions = {}
+      for support, query in episodes.values():
+        offset = adaptation.support_offset(self.split.labels[support] - self.outputs[support],
+                                           config.support_bias.prior_clips)
+        predictions.update(zip(query.tolist(), self.outputs[query] + offset))
+      return predictions
+    return self._inner_loop(config, mode, episodes, variables)
+
+  def _embedding_modes(self, config, modes, episodes, embeddings_of):
+    """speaker_norm (+finetune), refit, embedding_norm on the embeddings `embeddings_of(rows)` of a speaker's
+    clips (the unadapted model's, or those under the speaker's own BatchNorm statistics)."""
+    split, target = self.split, self.target
     steps = config.finetune.steps if "finetune" in modes else 0
-    head_mask = {"kernel": True, "bias": True}
 
     def head_loss(head, batch):
       return target.loss(batch["x"] @ head["kernel"] + head["bias"], batch["labels"], masked=False)
 
     adapt_head = jax.jit(lambda head, batch: adaptation.inner_loop(
-        head_loss, head, batch, steps=steps, learning_rate=config.finetune.learning_rate, mask=head_mask,
-        anchor_weight=config.finetune.anchor_weight))
+        head_loss, head, batch, steps=steps, learning_rate=config.finetune.learning_rate,
+        mask={"kernel": True, "bias": True}, anchor_weight=config.finetune.anchor_weight))
+    if "embedding_norm" in modes:  # the model's own linear head on restandardised embeddings
+      head = {k: np.asarray(v) for k, v in self.variables["params"]["head"].items()}
+    else:
+      head = self.read_out(config, per_speaker="speaker_norm" in modes)
+    predictions = {}
     for speaker, (support, query) in episodes.items():
-      runtime.preemption.check(f"{mode} adaptation stopped at speaker {speaker} (the rerun adapts again)")
+      runtime.preemption.check(f"{'+'.join(sorted(modes))} adaptation stopped at speaker {speaker} (the rerun "
+                               "adapts again)")
       rows = np.concatenate([support, query])  # all of the speaker's clips; their labels are not used
-      normalised = adaptation.speaker_normalise(embeddings[rows], split.speaker[rows])
-      head = read_out
+      features, speakers = embeddings_of(rows), split.speaker[rows]
+      if "refit" in modes:
+        mean, std = self.train_embeddings()[3]
+        normalised = ((features - mean) / std).astype(np.float32)
+      elif "embedding_norm" in modes:
+        normalised = adaptation.restandardise(features, speakers, self._statistics(config, features, speakers),
+                                              self.train_embeddings()[3])
+      else:
+        normalised = adaptation.speaker_normalise(features, speakers, self._statistics(config, features, speakers))
+      adapted = head
       if steps:
-        head = adapt_head(read_out, {"x": normalised[:len(support)], "labels": split.labels[support]})
-      out = normalised[len(support):] @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+        adapted = adapt_head(head, {"x": normalised[:len(support)], "labels": split.labels[support]})
+      out = normalised[len(support):] @ np.asarray(adapted["kernel"]) + np.asarray(adapted["bias"])
       predictions.update(zip(query.tolist(), out))
     return predictions
-  # finetune, maml, fomaml: the same inner loop, restarted from `variables` for every speaker.
-  settings = config.finetune if mode == "finetune" else config.maml
-  steps = settings.steps if mode == "finetune" else config.maml.inner_steps
-  learning_rate = settings.learning_rate if mode == "finetune" else config.maml.inner_learning_rate
-  mask = adaptation.subset_mask(variables["params"], tuple(config.adapt_subset))
-  loss_fn = clip_loss_fn(model, target, variables["batch_stats"])
-  adapt = jax.jit(lambda params, support: adaptation.inner_loop(
-      loss_fn, params, support, steps=steps, learning_rate=learning_rate, mask=mask,
-      anchor_weight=settings.anchor_weight))
-  predict = jax.jit(lambda params, batch: model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                                      batch["audio"], batch["length"], train=False)["outputs"])
-  options = _options(config)
-  for speaker, (support, query) in episodes.items():
-    runtime.preemption.check(f"{mode} adaptation stopped at speaker {speaker} (the rerun adapts again)")
-    support_batch = split.batch(support, options)
-    adapted = adapt(variables["params"], {"audio": support_batch["audio"], "length": support_batch["length"],
-                                          "labels": split.labels[support]})
-    for chunk in _chunks(query, config.adapt_query_batch):
-      batch = split.batch(chunk, options, batch_size=config.adapt_query_batch)
-      out = np.asarray(predict(adapted, {"audio": batch["audio"], "length": batch["length"]}))
-      predictions.update(zip(chunk.tolist(), out[:len(chunk)]))
-  return predictions
 
+  def _speaker_bn(self, config, episodes, variables):
+    """({index: output}, {index: embedding}) of every clip of the episodes' speakers under BatchNorm statistics
+    re-estimated over all of that speaker's clips (no labels)."""
+    options = _options(config)
+    predict = jax.jit(lambda v, audio, length: self.model.apply(v, audio, length, train=False))
+    outputs, embeddings = {}, {}
+    for speaker, (support, query) in episodes.items():
+      if speaker not in self._bn_outputs:
+        runtime.preemption.check(f"speaker_bn adaptation stopped at speaker {speaker} (the rerun adapts again)")
+        rows = np.sort(np.concatenate([support, query]))
+        batches = [self.split.batch(chunk, options) for chunk in _chunks(rows, config.speaker_bn_batch)]
+        adapted = adaptation.batch_norm_statistics(self.model, variables, (
+            (b["audio"], b["length"], int(np.sum(np.asarray(emo18.frames_per_clip(b["length"]))))) for b in batches))
+        out = [predict(adapted, b["audio"], b["length"]) for b in batches]
+        self._bn_outputs[speaker] = tuple(
+            dict(zip(rows.tolist(), np.concatenate([np.asarray(o[key]) for o in out])))
+            for key in ("outputs", "embedding"))
+      outputs.update(self._bn_outputs[speaker][0])
+      embeddings.update(self._bn_outputs[speaker][1])
+    return outputs, embeddings
 
-def fit_read_out(target, splits, embeddings_train, l2):
-  """The linear read-out of speaker_norm, fitted on training embeddings normalised per training speaker."""
-  train = splits["train"]
-  rows = train.labelled
-  normalised = adaptation.speaker_normalise(embeddings_train[rows], train.speaker[rows])
-  return adaptation.fit_linear_head(normalised, train.labels[rows], kind=target.kind, l2=l2,
-                                    num_classes=target.num_outputs)
+  def _inner_loop(self, config, mode, episodes, variables):
+    """finetune, maml, fomaml: the same inner loop, restarted from `variables` for every speaker."""
+    settings = config.finetune if mode == "finetune" else config.maml
+    steps = settings.steps if mode == "finetune" else config.maml.inner_steps
+    learning_rate = settings.learning_rate if mode == "finetune" else config.maml.inner_learning_rate
+    mask = adaptation.subset_mask(variables["params"], tuple(config.adapt_subset))
+    loss_fn = clip_loss_fn(self.model, self.target, variables["batch_stats"])
+    adapt = jax.jit(lambda params, support: adaptation.inner_loop(
+        loss_fn, params, support, steps=steps, learning_rate=learning_rate, mask=mask,
+        anchor_weight=settings.anchor_weight))
+    predict = jax.jit(lambda params, batch: self.model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, batch["audio"], batch["length"],
+        train=False)["outputs"])
+    options = _options(config)
+    predictions = {}
+    for speaker, (support, query) in episodes.items():
+      runtime.preemption.check(f"{mode} adaptation stopped at speaker {speaker} (the rerun adapts again)")
+      support_batch = self.split.batch(support, options)
+      adapted = adapt(variables["params"], {"audio": support_batch["audio"], "length": support_batch["length"],
+                                            "labels": self.split.labels[support]})
+      for chunk in _chunks(query, config.adapt_query_batch):
+        batch = self.split.batch(chunk, options, batch_size=config.adapt_query_batch)
+        out = np.asarray(predict(adapted, {"audio": batch["audio"], "length": batch["length"]}))
+        predictions.update(zip(chunk.tolist(), out[:len(chunk)]))
+    return predictions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,7 +436,79 @@ def write_submission(path, split, predictions):
                                                          for index in sorted(predictions)))
 
 
-ADAPTATIONS = ("none", "finetune", "maml", "fomaml", "speaker_norm", "speaker_norm+finetune")
+ADAPTATIONS = ("none", "finetune", "maml", "fomaml", "speaker_norm", "speaker_norm+finetune", "refit",
+               "embedding_norm", "speaker_bn", "speaker_bn+embedding_norm", "support_bias")
+
+# ---------------------------------------------------------------------------------------------------------------
+# The comparison's rows: an adaptation, optionally with settings of its own ('finetune[adapt_subset=head/bias,
+# finetune.anchor_weight=1.0]'); a tuple setting takes its items joined by '+'.
+
+_ROW = re.compile(r"^([a-z_+]+)(?:\[(.*)\])?$")
+
+
+def parse_row(config, row):
+  """(adaptation, the config of this row: `config` with the row's settings) for a row of `config.compare`."""
+  match = _ROW.match(row.strip())
+  if not match:
+    raise config_check.ConfigError(f"--config.compare row {row!r}: expected MODE or MODE[key=value,...], e.g. "
+                                   "'finetune[adapt_subset=head/bias,finetune.anchor_weight=1.0]'")
+  mode, settings = match.group(1), match.group(2)
+  if mode not in ADAPTATIONS:
+    raise config_check.ConfigError(f"--config.compare row {row!r}: adaptation {mode!r} is not one of: "
+                                   f"{', '.join(ADAPTATIONS)}")
+  row_config = copy.deepcopy(config)
+  with row_config.unlocked():
+    row_config.adaptation = mode
+    row_config.compare = ()
+    for item in filter(None, (settings or "").split(",")):
+      key, _, text = item.partition("=")
+      key = key.strip()
+      try:
+        current = config_check.value_of(config, key)
+      except (KeyError, AttributeError):
+        raise config_check.ConfigError(f"--config.compare row {row!r}: no config key {key!r}") from None
+      if key in ("compare", "support_draws", "adaptation") or hasattr(current, "items"):
+        raise config_check.ConfigError(f"--config.compare row {row!r}: {key!r} is not a setting a row can change")
+      value = _parse_value(row, key, text.strip(), current)
+      parent = row_config
+      *path, last = key.split(".")
+      for part in path:
+        parent = parent[part]
+      parent[last] = value
+  return mode, row_config
+
+
+def _parse_value(row, key, text, current):
+  if isinstance(current, (tuple, list)):
+    return tuple(filter(None, text.split("+")))
+  if isinstance(current, bool):
+    if text not in ("True", "False", "true", "false"):
+      raise config_check.ConfigError(f"--config.compare row {row!r}: {key} takes True or False, not {text!r}")
+    return text.lower() == "true"
+  if isinstance(current, (int, float)):
+    try:
+      return type(current)(text) if not isinstance(current, int) or text.lstrip("-").isdigit() else int(text)
+    except ValueError:
+      raise config_check.ConfigError(f"--config.compare row {row!r}: {key} takes a number, not {text!r}") from None
+  return text
+
+
+def comparison_rows(config):
+  """[(row name, adaptation, row config)]: no adaptation first, then `config.compare`'s rows and the run's own
+  adaptation (when not among them)."""
+  names = list(dict.fromkeys(["none", *config.compare, config.adaptation]))
+  return [(name, *parse_row(config, name)) for name in names]
+
+
+def row_meta_directory(config, row_config, mode, workdir):
+  """Where a comparison row meta-trains: the run's own folder for its mode when the row's meta-training settings
+  are the run's, else a folder named by a hash of the row's meta record."""
+  record = meta_record(row_config, mode)
+  if record == meta_record(config, mode):
+    return meta_directory(workdir, mode)
+  digest = hashlib.sha256(json.dumps(writers.plain(record), sort_keys=True).encode()).hexdigest()[:10]
+  return os.path.join(workdir, "checkpoints", f"{mode}-{digest}")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpointed stages and what shapes them.
@@ -334,9 +537,12 @@ def base_record(config):
 
 def meta_record(config, mode):
   """The configuration that shapes meta-training (`mode` maml or fomaml): the base model's and its own."""
-  return {**base_record(config), "meta": mode,
-          **stages.pick(config, ("maml", "adapt_subset", "num_support"),
-                        exclude=("maml.checkpoint_every", "maml.log_every", "maml.meta_steps"))}
+  record = {**base_record(config), "meta": mode,
+            **stages.pick(config, ("maml", "adapt_subset", "num_support"),
+                          exclude=("maml.checkpoint_every", "maml.log_every", "maml.meta_steps"))}
+  if not record["maml.query_other_classes"]:  # absent from the records of the runs before it: they still resume
+    del record["maml.query_other_classes"]
+  return record
 
 
 def meta_directory(workdir, mode):
@@ -344,33 +550,62 @@ def meta_directory(workdir, mode):
 
 
 def checkpointed_stages(config, workdir):
-  """The stages this run trains (or resumes): the base model, and meta-training for maml / fomaml."""
+  """The stages this run trains (or resumes): the base model, and meta-training for maml / fomaml (the run's own
+  and the comparison rows')."""
   result = [stages.Stage("base model", emo18_trainer.base_directory(workdir), base_record(config))]
-  for mode in sorted(set(config.adaptation.split("+")) & {"maml", "fomaml"}):
-    result.append(stages.Stage(f"meta-training ({mode})", meta_directory(workdir, mode), meta_record(config, mode)))
+  seen = set()
+  rows = comparison_rows(config) if config.compare else [(config.adaptation, config.adaptation, config)]
+  for name, mode, row_config in rows:
+    for meta in sorted(set(mode.split("+")) & {"maml", "fomaml"}):
+      directory = row_meta_directory(config, row_config, meta, workdir)
+      if directory not in seen:
+        seen.add(directory)
+        result.append(stages.Stage(f"meta-training ({meta}{', row ' + name if name != meta else ''})", directory,
+                                   meta_record(row_config, meta)))
   return result
 
 
 def check_config(config):
-  """Fails before any work on a value outside its choices."""
+  """Fails before any work on a value outside its choices, and on a comparison row that names a bad setting."""
+  check_adaptation(config)
+  if config.support_draws < 1:
+    raise config_check.ConfigError(f"--config.support_draws={config.support_draws}: at least 1 support draw")
+  for _, _, row_config in comparison_rows(config) if config.compare else ():
+    check_adaptation(row_config)
+
+
+def check_adaptation(config):
+  """The checks of one adaptation's settings (the run's, or a comparison row's)."""
   config_check.choice(config, "adaptation", ADAPTATIONS)
   config_check.choice(config, "val_split", SPLITS[config.data.dataset][1:2])
   config_check.choice(config, "model", MODELS)
   target = emo18_trainer.make_target(config.data.dataset)
   if config.model == "ssl":
     ssl_trainer.check_config(config, target)
-  if config.adaptation in ("finetune", "maml", "fomaml"):  # they adapt the parameters named by adapt_subset
+  modes = set(config.adaptation.split("+"))
+  if "support_bias" in modes and target.kind != "regression":
+    raise config_check.ConfigError(
+        f"--config.adaptation=support_bias adds a per-speaker offset to regression outputs; {config.data.dataset}'s "
+        f"target is a classification ({target.name}), whose offset would be the support clips' class priors")
+  if "speaker_bn" in modes and config.model != "emo18":
+    raise config_check.ConfigError("--config.adaptation=speaker_bn re-estimates BatchNorm statistics; the "
+                                   f"{config.model} model has no BatchNorm (try embedding_norm or speaker_norm)")
+  if "embedding_norm" in modes and config.model == "ssl" and config.ssl.chain:
+    raise config_check.ConfigError("--config.adaptation=embedding_norm reads the model's linear head; with "
+                                   "--config.ssl.chain=True the head is a chain (try speaker_norm, which refits one)")
+  if modes & {"finetune", "maml", "fomaml"}:  # they adapt the parameters named by adapt_subset
     model = make_model(config, target)
     audio = jax.ShapeDtypeStruct((1, schema.SAMPLE_RATE), jnp.float32)
     length = jax.ShapeDtypeStruct((1,), jnp.int32)
-    names = sorted(jax.eval_shape(lambda a, n: model.init(jax.random.key(0), a, n, train=False), audio,
-                                  length)["params"])
+    params = jax.eval_shape(lambda a, n: model.init(jax.random.key(0), a, n, train=False), audio, length)["params"]
+    names = [adaptation.path_name(p) for p in flax.traverse_util.flatten_dict(flax.core.unfreeze(params))]
     unmatched = [p for p in config.adapt_subset if not any(n.startswith(p) for n in names)]
     if unmatched or not config.adapt_subset:
       raise config_check.ConfigError(
           f"--config.adapt_subset={tuple(config.adapt_subset)!r}: {', '.join(map(repr, unmatched)) or 'nothing'} "
-          f"names no parameter of the {config.model} model; its top-level parameters are {', '.join(names)} "
-          f"(e.g. {'pooling,head' if config.model == 'ssl' else 'lstm,head'})")
+          f"names no parameter of the {config.model} model; its top-level parameters are "
+          f"{', '.join(sorted(params))}, deeper ones are named by their path (e.g. "
+          f"{'pooling,head' if config.model == 'ssl' else 'lstm,head or encoder/MaskedBatchNorm,head/bias'})")
 
 
 def run(config, workdir):
@@ -409,30 +644,34 @@ def run(config, workdir):
 
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
   options = _options(config)
-  results, outputs_of = {}, {}
-  read_out = None
-  for name in [s for s in SPLITS[data.dataset] if s != "train"]:
-    split = splits[name]
-    outputs_of[name] = {}
-    for key, v in (("none", variables), ("adapted", adapted_variables)):
-      if key == "adapted" and v is variables:
-        outputs_of[name][key] = outputs_of[name]["none"]
-      else:
-        outputs_of[name][key] = emo18_trainer.predict_split(predict_fn, parallel.replicate(v, mesh), split.source,
-                                                            options, eval_batch)
-  if "speaker_norm" in modes:
-    _, train_embeddings = emo18_trainer.predict_split(predict_fn, parallel.replicate(variables, mesh),
-                                                      splits["train"].source, options, eval_batch)
-    read_out = fit_read_out(target, splits, train_embeddings, config.read_out_l2)
+  replicated = {}
+
+  def predict_all(v, split):
+    key = id(v)
+    if key not in replicated:
+      replicated[key] = parallel.replicate(v, mesh)
+    return emo18_trainer.predict_split(predict_fn, replicated[key], split.source, options, eval_batch)
+
+  train_cache = []
+
+  def train_embeddings():  # one pass over Train, only for the adaptations that need it
+    if not train_cache:
+      train_cache.append(predict_all(variables, splits["train"])[1])
+    return train_cache[0]
+
+  def personaliser(name, v):
+    outputs, embeddings = predict_all(v, splits[name])
+    return Personaliser(model, target, v, splits[name], outputs, embeddings, splits["train"], train_embeddings)
 
   val = splits[config.val_split]
+  val_personalisers = {"none": personaliser(config.val_split, variables)}
+  val_personalisers["adapted"] = (val_personalisers["none"] if adapted_variables is variables
+                                  else personaliser(config.val_split, adapted_variables))
   val_episodes = support_query(val, num_support=config.num_support, seed=config.support_seed)
   query = np.concatenate([q for _, q in val_episodes.values()])
-  per_speaker = {}  # {mode: {speaker: the training loss (MSE or cross-entropy) on the speaker's query clips}}
+  results, per_speaker = {}, {}  # per_speaker: {mode: {speaker: the loss (MSE or cross-entropy) on its queries}}
   for mode in dict.fromkeys(["none", config.adaptation]):
-    outs, embs = outputs_of[config.val_split]["adapted" if mode == config.adaptation else "none"]
-    predictions = personalise(config, model, target, adapted_variables if mode != "none" else variables, mode, val,
-                              outs, embs, val_episodes, read_out)
+    predictions = val_personalisers["adapted" if mode != "none" else "none"].predict(config, mode, val_episodes)
     results[mode] = target.score(np.stack([predictions[i] for i in query]), val.labels[query])
     per_speaker[mode] = {
         speaker: float(target.loss(np.stack([predictions[i] for i in rows]), val.labels[rows], masked=False))
@@ -441,14 +680,16 @@ def run(config, workdir):
   print(f"{config.val_split}: {len(query)} query clips of {len(val_episodes)} speakers "
         f"({config.num_support} support clips each, seed {config.support_seed})")
   print(table)
+  comparison = None
+  if config.compare:
+    comparison = compare(config, model, target, variables, splits, mesh, workdir, val_personalisers["none"],
+                         personaliser)
 
   submission = None
   if "test" in splits:
     test = splits["test"]
     test_episodes = support_query(test, num_support=config.num_support, seed=config.support_seed)
-    outs, embs = outputs_of["test"]["adapted"]
-    predictions = personalise(config, model, target, adapted_variables, config.adaptation, test, outs, embs,
-                              test_episodes, read_out)
+    predictions = personaliser("test", adapted_variables).predict(config, config.adaptation, test_episodes)
     submission = os.path.join(workdir, f"ExVo-Few_{config.team}_{config.submission_number}.csv")
     write_submission(submission, test, predictions)
   result = {
@@ -456,8 +697,70 @@ def run(config, workdir):
       **(ssl_trainer.summary(config) if config.model == "ssl" else {}),
       "main_metric": target.metric, "split": config.val_split, "num_query_clips": int(len(query)),
       "num_speakers": len(val_episodes), "results": results, "per_speaker_loss": per_speaker,
+      **({"comparison": comparison} if comparison else {}),
       "base": {"history": history}, "submission": os.path.basename(submission) if submission else None,
       "seconds": time.monotonic() - start,
   }
   writers.write_json(os.path.join(workdir, "metrics.json"), result)
   return result
+
+
+def compare(config, model, target, variables, splits, mesh, workdir, base, personaliser, log=print):
+  """Every row of `config.compare` (and no adaptation, and the run's own adaptation) on `config.support_draws`
+  draws of the support clips (seeds support_seed, support_seed + 1, ...), from the one trained model; prints and
+  returns the table (`evaluation.personalisation`). Each row's scores are kept in `comparison/` as soon as it
+  ends, tied to its settings, so a rerun after SIGTERM goes on with the next row."""
+  val = splits[config.val_split]
+  classes = personalisation.clip_classes(target, val.labels)
+  seeds = [config.support_seed + d for d in range(config.support_draws)]
+  draws = [support_query(val, num_support=config.num_support, seed=seed) for seed in seeds]
+  folder = os.path.join(workdir, "comparison")
+  if writers.is_writer():
+    os.makedirs(folder, exist_ok=True)
+  rows, scored = {}, {}
+  for name, mode, row_config in comparison_rows(config):
+    record = {"base": base_record(config), "row": name, "seeds": seeds,
+              "settings": stages.pick(row_config, [k for k in row_config if k not in _NOT_ADAPTATION])}
+    path = os.path.join(folder, hashlib.sha256(name.encode()).hexdigest()[:12] + ".json")
+    kept = runtime.from_process_zero(_read_json(path) if writers.is_writer() else None)  # process 0 wrote it
+    if kept is not None and kept["record"] == writers.plain(record):
+      scored[name] = kept["draws"]
+      log(f"comparison: {name}: kept from {path}")
+    else:
+      row_start = time.monotonic()
+      personalisers = {"none": base}
+      v = variables
+      for meta in sorted(set(mode.split("+")) & {"maml", "fomaml"}):
+        v = meta_train(row_config, model, target, variables, splits["train"], mesh, workdir,
+                       first_order=meta == "fomaml", directory=row_meta_directory(config, row_config, meta, workdir))
+      source = base if v is variables else personaliser(config.val_split, v)
+      scored[name] = [personalisation.score_draw(target, val.labels, classes, episodes,
+                                                 source.predict(row_config, mode, episodes, v))
+                      for episodes in draws]
+      writers.write_json(path, {"record": record, "draws": scored[name]})
+      log(f"comparison: {name}: {np.mean([d['score'] for d in scored[name]]):.4f} {target.metric} over "
+          f"{len(draws)} draws ({time.monotonic() - row_start:.0f} s)")
+    rows[name] = personalisation.summarise(scored[name], scored["none"])
+  table = personalisation.format_comparison(target, rows, len(draws), len(draws[0]))
+  per_emotion = format_table(target, {name: r["per_emotion"] for name, r in rows.items()})
+  text = (f"{config.val_split}: {len(draws[0])} speakers, {config.num_support} support clips each, {len(draws)} "
+          f"draws (support seeds {seeds[0]}..{seeds[-1]}); every other clip of a speaker is a query\n\n"
+          f"{table}\n\nMeans over the draws:\n\n{per_emotion}\n")
+  print(text)
+  if writers.is_writer():
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+      f.write(text)
+  return {"seeds": seeds, "rows": rows}
+
+
+# Keys that do not change what an adaptation predicts (a comparison row's record leaves them out).
+_NOT_ADAPTATION = ("compare", "support_draws", "log_every_s", "team", "submission_number", "num_devices",
+                   "restart_changed")
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
