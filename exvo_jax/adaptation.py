@@ -11,6 +11,8 @@ them back onto global moments; `batch_norm_statistics` re-estimates a network's 
 speaker's clips; `support_offset` is a shrunk per-speaker output bias from labelled support clips.
 """
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -73,10 +75,10 @@ def inner_loop(loss_fn, params, support, *, steps, learning_rate, mask, anchor_w
 def speaker_statistics(features, speakers, min_std=1e-6, prior=None, prior_clips=0.0, min_std_fraction=0.0):
   """Per-speaker mean and std of features [N, D] over each speaker's clips: {speaker: (mean [D], std [D])}.
 
-  With `prior` = (mean [D], std [D]) (e.g. the training set's) the estimates are shrunk toward it as if the speaker
-  had `prior_clips` more clips with the prior's moments (mean and variance each a weighted average: n / (n + k) of
-  the speaker's own), and no std falls below `min_std_fraction` of the prior's: a speaker with few or alike clips
-  is not blown up along directions it barely varies in.
+  With `prior` = (mean [D], std [D]) (e.g. the training set's) the mean and the variance are each shrunk toward the
+  prior's: a weighted average with weight n / (n + k) on the speaker's own (n clips, k = `prior_clips`); and no std
+  falls below `min_std_fraction` of the prior's: a speaker with few or alike clips is not blown up along directions
+  it barely varies in.
   """
   features = np.asarray(features, np.float64)
   stats = {}
@@ -133,9 +135,7 @@ def batch_norm_statistics(model, variables, batches):
   Returns:
     `variables` with new `batch_stats` (a tree of {'mean', 'var'}).
   """
-  clone = model.clone(bn_momentum=0.0, bn_axis_name=None)
-  collect = jax.jit(lambda v, audio, lengths: clone.apply(v, audio, lengths, train=True,
-                                                          mutable=["batch_stats"])[1]["batch_stats"])
+  collect = _statistics_pass(model.clone(bn_momentum=0.0, bn_axis_name=None))
   total, sums = 0.0, {}
   for audio, lengths, frames in batches:
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(collect(variables, audio, lengths)))
@@ -155,6 +155,14 @@ def batch_norm_statistics(model, variables, batches):
       value = np.maximum(value - (sums[(*path[:-1], "mean")] / total) ** 2, 0.0)
     new[path] = value.astype(np.float32)
   return {**variables, "batch_stats": flax.traverse_util.unflatten_dict(new)}
+
+
+@functools.lru_cache(maxsize=8)
+def _statistics_pass(model):
+  """The jitted training-mode pass returning `model`'s new batch statistics (one per model: Linen modules hash by
+  their fields, so every speaker's call reuses its compilations)."""
+  return jax.jit(lambda v, audio, lengths: model.apply(v, audio, lengths, train=True,
+                                                       mutable=["batch_stats"])[1]["batch_stats"])
 
 
 def fit_linear_head(features, targets, *, kind, l2=1.0, steps=300, learning_rate=0.05, num_classes=None):

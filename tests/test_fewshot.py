@@ -168,19 +168,22 @@ def test_rows_by_speaker_matches_a_scan_per_speaker():
 
 
 def test_episodes_with_other_class_queries_never_query_a_support_class():
-  speakers = np.repeat([f"s{i}" for i in range(4)], 12)
-  labels = np.tile(np.arange(6).repeat(2), 4)  # each speaker: classes 0..5, two clips each
-  split = emo18_trainer.Split(None, np.arange(48).astype(str), speakers, labels, np.ones(48, bool))
+  # Speakers s0..s3: classes 0..5, two clips each; s4: 8 clips, 6 of them class 0, so 2 support clips of class 0
+  # and 1 leave only 1 clip of another class: never drawn for 4 queries.
+  speakers = np.concatenate([np.repeat([f"s{i}" for i in range(4)], 12), np.repeat(["s4"], 8)])
+  labels = np.concatenate([np.tile(np.arange(6).repeat(2), 4), [0, 0, 0, 0, 0, 0, 1, 2]])
+  split = emo18_trainer.Split(None, np.arange(56).astype(str), speakers, labels, np.ones(56, bool))
   classes = labels
   rng = np.random.default_rng(0)
   episodes = fewshot.sample_episodes(split, rng, num_episodes=200, num_support=2, num_query=4, classes=classes)
   assert episodes.shape == (200, 6)
   for row in episodes:
-    assert len(set(speakers[row])) == 1 and len(set(row)) == 6
+    assert len(set(speakers[row])) == 1 and len(set(row)) == 6 and speakers[row[0]] != "s4"
     assert not set(classes[row[2:]]) & set(classes[row[:2]])
   plain = fewshot.sample_episodes(split, rng, num_episodes=200, num_support=2, num_query=4)
   assert any(set(classes[row[2:]]) & set(classes[row[:2]]) for row in plain)  # without it they do overlap
-  with pytest.raises(ValueError, match="fewer than config.maml.num_query=9"):
+  assert "s4" in set(speakers[plain[:, 0]])  # without classes it is eligible
+  with pytest.raises(ValueError, match="with 9 outside any 2 support clips' classes"):
     fewshot.sample_episodes(split, rng, num_episodes=4, num_support=2, num_query=9, classes=classes)
 
 
@@ -196,9 +199,14 @@ def test_comparison_rows_take_their_own_settings_and_typos_fail_before_any_work(
   assert row.maml.query_other_classes is True
   for bad, message in (("finetune[finetune.stepz=3]", "no config key 'finetune.stepz'"),
                        ("finetun", "adaptation 'finetun' is not one of"),
-                       ("finetune[finetune.steps=many]", "takes a number"),
+                       ("finetune[finetune.steps=many]", "takes an integer"),
+                       ("finetune[finetune.learning_rate=fast]", "takes a number"),
                        ("maml[maml.query_other_classes=yes]", "takes True or False"),
                        ("finetune[finetune=3]", "not a setting a row can change"),
+                       ("none[hidden=64]", "'hidden' is not a setting a row can change"),  # shapes the base model
+                       ("finetune[num_support=4]", "'num_support' is not a setting a row can change"),  # the draws
+                       ("finetune[finetune.steps]", "'finetune.steps' is not key=value"),
+                       ("finetune[finetune.steps=2.0]", "finetune.steps takes an integer"),
                        ("finetune[adapt_subset=lstm_9]", "'lstm_9' names no parameter of the emo18 model")):
     config.compare = (bad,)
     with pytest.raises(config_check.ConfigError, match=re.escape(message)):

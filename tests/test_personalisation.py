@@ -57,3 +57,12 @@ def test_score_draw_and_summarise_by_hand():
                                                                                       [draw_none] * 2),
                                                     "adapted": row}, 2, 2)
   assert "| none | 0.889 +- 0.000 | +0.000 | 0 / 0 / 4 |" in text and "| adapted |" in text
+
+
+def test_a_speaker_whose_metric_becomes_undefined_counts_as_hurt():
+  """CCC of a speaker whose adapted predictions are constant is NaN-free (0) but a diverged adaptation gives NaN:
+  it counts as hurt, a speaker undefined both times as unchanged."""
+  draw = lambda a, b, c: {"score": 0.5, "scores": {"mean_ccc": 0.5}, "per_speaker": {"A": a, "B": b, "C": c},
+                          "support_classes": 0.5, "other_classes": 0.5}
+  row = personalisation.summarise([draw(float("nan"), None, 0.6)], [draw(0.4, None, 0.4)])
+  assert (row["helped"], row["hurt"], row["unchanged"]) == (1, 1, 1)

@@ -8,6 +8,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -257,3 +258,30 @@ def test_launch_scripts_pass_bash_n_and_shellcheck(script):
   assert shutil.which("shellcheck"), "shellcheck is not on PATH; pip install -e '.[test]' installs it"
   done = subprocess.run(["shellcheck", script], cwd=REPO, capture_output=True, text=True)
   assert done.returncode == 0, done.stdout
+
+
+def test_from_process_zero_gives_every_process_what_process_0_read(tmp_path):
+  """Two real processes (gloo on CPU): process 0's JSON value, NaN-free with None and nesting, reaches process 1,
+  which passed None; a value of any length goes through (the length is broadcast first)."""
+  script = tmp_path / "share.py"
+  script.write_text(
+      "import json, sys\n"
+      "from exvo_jax import runtime\n"
+      "runtime.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))\n"
+      "import jax\n"
+      "mine = {'record': {'row': 'finetune[x=1]', 'seeds': [0, 1]}, 'draws': [{'score': 0.25, 'x': None}] * 40}\n"
+      "got = runtime.from_process_zero(mine if jax.process_index() == 0 else None)\n"
+      "print('GOT', json.dumps(got, sort_keys=True))\n"
+      "print('NONE', json.dumps(runtime.from_process_zero(None)))\n")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = smoke.main_env(1)
+  procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+  expected = {"record": {"row": "finetune[x=1]", "seeds": [0, 1]}, "draws": [{"score": 0.25, "x": None}] * 40}
+  for out, _ in outs:
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if line.startswith(("GOT", "NONE")))
+    assert json.loads(lines["GOT"]) == expected and json.loads(lines["NONE"]) is None

@@ -63,7 +63,13 @@ def summarise(draws, reference):
   gain = score - np.array([d["score"] for d in reference], np.float64)
   change = (np.array([d["per_speaker"][s] for d, r in zip(draws, reference) for s in d["per_speaker"]], np.float64)
             - np.array([r["per_speaker"][s] for d, r in zip(draws, reference) for s in d["per_speaker"]], np.float64))
-  change = np.nan_to_num(change)  # a speaker whose metric is undefined in both counts as unchanged
+  # A metric undefined in both counts as unchanged; undefined after the adaptation only (a diverged one) as hurt,
+  # undefined before it only as helped.
+  adapted_nan = np.isnan(np.array([d["per_speaker"][s] for d in draws for s in d["per_speaker"]], np.float64))
+  reference_nan = np.isnan(np.array([r["per_speaker"][s] for d, r in zip(draws, reference)
+                                     for s in d["per_speaker"]], np.float64))
+  change = np.where(adapted_nan & reference_nan, 0.0,
+                    np.where(adapted_nan, -np.inf, np.where(reference_nan, np.inf, change)))
   return {
       "mean": float(score.mean()), "std": float(score.std(ddof=1)) if len(score) > 1 else 0.0,
       "gain": float(gain.mean()), "helped": int(np.sum(change >= UNCHANGED)),

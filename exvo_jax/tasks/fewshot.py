@@ -147,10 +147,19 @@ def sample_episodes(split, rng, *, num_episodes, num_support, num_query, classes
   support clips': an inner loop that only learned the support clips' classes gains nothing on them.
   """
   rows_of = rows_by_speaker(split.speaker, split.labelled)
-  eligible = sorted(s for s, rows in rows_of.items() if len(rows) >= num_support + num_query)
+
+  def enough(rows):  # with classes: whatever the support clips, num_query clips of other classes remain
+    if classes is None:
+      return len(rows) >= num_support + num_query
+    largest = np.sort(np.unique(classes[rows], return_counts=True)[1])[::-1][:num_support].sum()
+    return len(rows) >= num_support and len(rows) - largest >= num_query
+
+  eligible = sorted(s for s, rows in rows_of.items() if enough(rows))
   if not eligible:
-    raise ValueError(f"no training speaker has {num_support + num_query} labelled clips for a MAML episode; "
-                     "lower config.maml.num_query")
+    raise ValueError(f"no training speaker has {num_support + num_query} labelled clips for a MAML episode"
+                     + (f" with {num_query} outside any {num_support} support clips' classes; lower "
+                        "config.maml.num_query or set --config.maml.query_other_classes=False" if classes is not None
+                        else "; lower config.maml.num_query"))
   speakers = rng.choice(eligible, size=num_episodes, replace=len(eligible) < num_episodes)
   if classes is None:
     return np.stack([rng.choice(rows_of[s], size=num_support + num_query, replace=False) for s in speakers])
@@ -158,11 +167,7 @@ def sample_episodes(split, rng, *, num_episodes, num_support, num_query, classes
   for speaker in speakers:
     rows = rows_of[speaker]
     support = rng.choice(rows, size=num_support, replace=False)
-    others = rows[~np.isin(classes[rows], classes[support])]
-    if len(others) < num_query:
-      raise ValueError(f"training speaker {speaker}: {len(others)} labelled clips outside the classes of its support "
-                       f"clips, fewer than config.maml.num_query={num_query}; lower it or set "
-                       "--config.maml.query_other_classes=False")
+    others = rows[~np.isin(classes[rows], classes[support])]  # enough of them: `enough`
     episodes.append(np.concatenate([support, rng.choice(others, size=num_query, replace=False)]))
   return np.stack(episodes)
 
@@ -258,8 +263,14 @@ def _chunks(indices, size):
 
 
 def _moments(x):
-  std = x.std(0, dtype=np.float64)
-  return x.mean(0, dtype=np.float64), np.where(std > 1e-6, std, 1.0)
+  """Mean and std [D] over the rows of x [N, D] (float64)."""
+  return x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
+
+
+def _standardise(x, moments):
+  """x standardised with global `moments`; a constant column (std ~0) is only centred."""
+  mean, std = moments
+  return ((x - mean) / np.where(std > 1e-6, std, 1.0)).astype(np.float32)
 
 
 class Personaliser:
@@ -271,15 +282,31 @@ class Personaliser:
 
   Args:
     model, target, variables: the trained model (base or, for maml/fomaml, meta-learned variables come per call).
-    split: the split adapted to (Val, Test); outputs, embeddings: the unadapted model's on every clip of it.
+    split: the split adapted to (Val, Test); outputs, embeddings: the unadapted model's on every clip of it, or
+      None and `predictions`, a () -> (outputs, embeddings) callable run when a mode first needs them.
     train, train_embeddings: the Train split and a () -> [N_train, H] callable giving its unadapted embeddings.
   """
 
-  def __init__(self, model, target, variables, split, outputs, embeddings, train, train_embeddings):
+  def __init__(self, model, target, variables, split, outputs, embeddings, train, train_embeddings,
+               predictions=None):
     self.model, self.target, self.variables, self.split = model, target, variables, split
-    self.outputs, self.embeddings = outputs, embeddings
+    self._predicted = None if outputs is None and embeddings is None else (outputs, embeddings)
+    self._predictions = predictions
     self.train, self._train_embeddings, self._train_cache = train, train_embeddings, None
     self._read_outs, self._bn_outputs = {}, {}
+
+  @property
+  def outputs(self):
+    return self._predicted_pair()[0]
+
+  @property
+  def embeddings(self):
+    return self._predicted_pair()[1]
+
+  def _predicted_pair(self):
+    if self._predicted is None:
+      self._predicted = self._predictions()
+    return self._predicted
 
   def train_embeddings(self):
     """The labelled training clips' embeddings and their speakers, labels and global moments (mean, std)."""
@@ -303,7 +330,7 @@ class Personaliser:
     if key not in self._read_outs:
       embeddings, speakers, labels, moments = self.train_embeddings()
       normalised = (adaptation.speaker_normalise(embeddings, speakers, self._statistics(config, embeddings, speakers))
-                    if per_speaker else ((embeddings - moments[0]) / moments[1]).astype(np.float32))
+                    if per_speaker else _standardise(embeddings, moments))
       self._read_outs[key] = adaptation.fit_linear_head(normalised, labels, kind=self.target.kind,
                                                         l2=config.read_out_l2, num_classes=self.target.num_outputs)
     return self._read_outs[key]
@@ -354,8 +381,7 @@ class Personaliser:
       rows = np.concatenate([support, query])  # all of the speaker's clips; their labels are not used
       features, speakers = embeddings_of(rows), split.speaker[rows]
       if "refit" in modes:
-        mean, std = self.train_embeddings()[3]
-        normalised = ((features - mean) / std).astype(np.float32)
+        normalised = _standardise(features, self.train_embeddings()[3])
       elif "embedding_norm" in modes:
         normalised = adaptation.restandardise(features, speakers, self._statistics(config, features, speakers),
                                               self.train_embeddings()[3])
@@ -374,19 +400,24 @@ class Personaliser:
     options = _options(config)
     predict = jax.jit(lambda v, audio, length: self.model.apply(v, audio, length, train=False))
     outputs, embeddings = {}, {}
+    # Passes over the same clips with the same settings are reused (the draws change only which clips are queries).
+    settings = (config.speaker_bn_batch, config.max_seconds, config.eval_pad_seconds)
+    if variables is not self.variables:  # another model's statistics are never mixed with these
+      self._bn_outputs = {}
     for speaker, (support, query) in episodes.items():
-      if speaker not in self._bn_outputs:
+      key = (speaker, settings)
+      if key not in self._bn_outputs:
         runtime.preemption.check(f"speaker_bn adaptation stopped at speaker {speaker} (the rerun adapts again)")
         rows = np.sort(np.concatenate([support, query]))
         batches = [self.split.batch(chunk, options) for chunk in _chunks(rows, config.speaker_bn_batch)]
         adapted = adaptation.batch_norm_statistics(self.model, variables, (
             (b["audio"], b["length"], int(np.sum(np.asarray(emo18.frames_per_clip(b["length"]))))) for b in batches))
         out = [predict(adapted, b["audio"], b["length"]) for b in batches]
-        self._bn_outputs[speaker] = tuple(
+        self._bn_outputs[key] = tuple(
             dict(zip(rows.tolist(), np.concatenate([np.asarray(o[key]) for o in out])))
             for key in ("outputs", "embedding"))
-      outputs.update(self._bn_outputs[speaker][0])
-      embeddings.update(self._bn_outputs[speaker][1])
+      outputs.update(self._bn_outputs[key][0])
+      embeddings.update(self._bn_outputs[key][1])
     return outputs, embeddings
 
   def _inner_loop(self, config, mode, episodes, variables):
@@ -461,14 +492,18 @@ def parse_row(config, row):
     row_config.adaptation = mode
     row_config.compare = ()
     for item in filter(None, (settings or "").split(",")):
-      key, _, text = item.partition("=")
+      key, equals, text = item.partition("=")
       key = key.strip()
+      if not equals:
+        raise config_check.ConfigError(f"--config.compare row {row!r}: {item!r} is not key=value")
       try:
         current = config_check.value_of(config, key)
       except (KeyError, AttributeError):
         raise config_check.ConfigError(f"--config.compare row {row!r}: no config key {key!r}") from None
-      if key in ("compare", "support_draws", "adaptation") or hasattr(current, "items"):
-        raise config_check.ConfigError(f"--config.compare row {row!r}: {key!r} is not a setting a row can change")
+      if _shared(config, key) or hasattr(current, "items"):
+        raise config_check.ConfigError(
+            f"--config.compare row {row!r}: {key!r} is not a setting a row can change: every row adapts the same "
+            "base model on the same support draws (set it for the whole run instead)")
       value = _parse_value(row, key, text.strip(), current)
       parent = row_config
       *path, last = key.split(".")
@@ -476,6 +511,14 @@ def parse_row(config, row):
         parent = parent[part]
       parent[last] = value
   return mode, row_config
+
+
+def _shared(config, key):
+  """Whether `key` shapes what every row shares: the base model, the corpus, the draws, the comparison itself."""
+  if key in ("compare", "support_draws", "adaptation", "task", "model", "num_support", "support_seed", "val_split",
+             "seed", "num_epochs") or key.split(".")[0] in ("data", "encoder", "ssl"):
+    return True
+  return key in base_record(config)
 
 
 def _parse_value(row, key, text, current):
@@ -486,10 +529,11 @@ def _parse_value(row, key, text, current):
       raise config_check.ConfigError(f"--config.compare row {row!r}: {key} takes True or False, not {text!r}")
     return text.lower() == "true"
   if isinstance(current, (int, float)):
+    kind = "an integer" if isinstance(current, int) else "a number"
     try:
-      return type(current)(text) if not isinstance(current, int) or text.lstrip("-").isdigit() else int(text)
+      return type(current)(text)
     except ValueError:
-      raise config_check.ConfigError(f"--config.compare row {row!r}: {key} takes a number, not {text!r}") from None
+      raise config_check.ConfigError(f"--config.compare row {row!r}: {key} takes {kind}, not {text!r}") from None
   return text
 
 
@@ -644,13 +688,14 @@ def run(config, workdir):
 
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
   options = _options(config)
-  replicated = {}
+  replicated = []  # (variables, their replicated copy): the base model's and the meta-learned ones
 
   def predict_all(v, split):
-    key = id(v)
-    if key not in replicated:
-      replicated[key] = parallel.replicate(v, mesh)
-    return emo18_trainer.predict_split(predict_fn, replicated[key], split.source, options, eval_batch)
+    copy_of = next((r for w, r in replicated if w is v), None)
+    if copy_of is None:
+      copy_of = parallel.replicate(v, mesh)
+      replicated.append((v, copy_of))
+    return emo18_trainer.predict_split(predict_fn, copy_of, split.source, options, eval_batch)
 
   train_cache = []
 
@@ -659,9 +704,9 @@ def run(config, workdir):
       train_cache.append(predict_all(variables, splits["train"])[1])
     return train_cache[0]
 
-  def personaliser(name, v):
-    outputs, embeddings = predict_all(v, splits[name])
-    return Personaliser(model, target, v, splits[name], outputs, embeddings, splits["train"], train_embeddings)
+  def personaliser(name, v):  # the unadapted outputs and embeddings of the split only when a mode needs them
+    return Personaliser(model, target, v, splits[name], None, None, splits["train"], train_embeddings,
+                        predictions=lambda: predict_all(v, splits[name]))
 
   val = splits[config.val_split]
   val_personalisers = {"none": personaliser(config.val_split, variables)}
@@ -682,8 +727,8 @@ def run(config, workdir):
   print(table)
   comparison = None
   if config.compare:
-    comparison = compare(config, model, target, variables, splits, mesh, workdir, val_personalisers["none"],
-                         personaliser)
+    comparison = compare(config, model, target, variables, history, splits, mesh, workdir,
+                         val_personalisers["none"], personaliser)
 
   submission = None
   if "test" in splits:
@@ -705,7 +750,7 @@ def run(config, workdir):
   return result
 
 
-def compare(config, model, target, variables, splits, mesh, workdir, base, personaliser, log=print):
+def compare(config, model, target, variables, history, splits, mesh, workdir, base, personaliser, log=print):
   """Every row of `config.compare` (and no adaptation, and the run's own adaptation) on `config.support_draws`
   draws of the support clips (seeds support_seed, support_seed + 1, ...), from the one trained model; prints and
   returns the table (`evaluation.personalisation`). Each row's scores are kept in `comparison/` as soon as it
@@ -719,8 +764,12 @@ def compare(config, model, target, variables, splits, mesh, workdir, base, perso
     os.makedirs(folder, exist_ok=True)
   rows, scored = {}, {}
   for name, mode, row_config in comparison_rows(config):
-    record = {"base": base_record(config), "row": name, "seeds": seeds,
-              "settings": stages.pick(row_config, [k for k in row_config if k not in _NOT_ADAPTATION])}
+    # What the row's predictions depend on: the base model (its record and training history), the draws and, but
+    # for no adaptation, the settings.
+    settings = {} if mode == "none" else stages.pick(row_config, [k for k in row_config if k not in _NOT_ADAPTATION],
+                                                     exclude=_NOT_PREDICTION)
+    record = {"base": base_record(config), "base_history": history, "row": name, "seeds": seeds,
+              "settings": settings}
     path = os.path.join(folder, hashlib.sha256(name.encode()).hexdigest()[:12] + ".json")
     kept = runtime.from_process_zero(_read_json(path) if writers.is_writer() else None)  # process 0 wrote it
     if kept is not None and kept["record"] == writers.plain(record):
@@ -755,12 +804,16 @@ def compare(config, model, target, variables, splits, mesh, workdir, base, perso
 
 # Keys that do not change what an adaptation predicts (a comparison row's record leaves them out).
 _NOT_ADAPTATION = ("compare", "support_draws", "log_every_s", "team", "submission_number", "num_devices",
-                   "restart_changed")
+                   "restart_changed", "eval_batch_size", "adapt_query_batch")
+_NOT_PREDICTION = ("maml.log_every", "maml.checkpoint_every")
 
 
 def _read_json(path):
+  """A kept comparison row ({'record', 'draws'}), or None when there is none or it cannot be read (then the row is
+  computed again; process 0 must not fail here while the others wait for its answer)."""
   try:
     with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
+      kept = json.load(f)
+  except (OSError, ValueError):
     return None
+  return kept if isinstance(kept, dict) and {"record", "draws"} <= set(kept) else None
