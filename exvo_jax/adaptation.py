@@ -38,6 +38,15 @@ def path_name(path):
   return "/".join(str(k) for k in path)
 
 
+def clip_loss_fn(model, target, batch_stats):
+  """(params, batch) -> loss with frozen BatchNorm statistics: the loss every adaptation step minimises. Its clips
+  are labelled ones (support, query, episodes), so the loss is the unmasked mean."""
+  def loss_fn(params, batch):
+    out = model.apply({"params": params, "batch_stats": batch_stats}, batch["audio"], batch["length"], train=False)
+    return target.loss(out["outputs"], batch["labels"], masked=False)
+  return loss_fn
+
+
 def inner_loop(loss_fn, params, support, *, steps, learning_rate, mask, anchor_weight=0.0, first_order=False):
   """k steps of gradient descent on the masked parameters.
 

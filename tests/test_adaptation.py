@@ -11,9 +11,9 @@ from sklearn.linear_model import Ridge
 from configs import fewshot as fewshot_config
 from exvo_jax import emo18_trainer
 from exvo_jax import adaptation
+from exvo_jax import personaliser
 from exvo_jax import targets
 from exvo_jax.models import emo18
-from exvo_jax.tasks import fewshot
 
 
 def _tiny_model_loss():
@@ -115,13 +115,13 @@ def test_finetuning_restarts_from_the_same_parameters_for_every_speaker():
   split = emo18_trainer.Split.read(records, target)
   episodes = {"A": (np.array([0, 1]), np.array([2])), "C": (np.array([3, 4]), np.array([5])),
               "B": (np.array([6, 7]), np.array([8]))}
-  sample = split.batch([0], fewshot._options(config))
+  sample = split.batch([0], personaliser.audio_options(config))
   variables = model.init(jax.random.PRNGKey(0), sample["audio"], sample["length"])
   before = jax.tree.map(np.array, variables)
-  personaliser = fewshot.Personaliser(model, target, variables, split, None, None, None, None)
-  predictions = personaliser.predict(config, "finetune", episodes)
+  adapter = personaliser.Personaliser(model, target, variables, split, None, None, None, None)
+  predictions = adapter.predict(config, "finetune", episodes)
   np.testing.assert_allclose(predictions[2], predictions[8], atol=1e-6)  # B adapted after C: same start as A
-  query = split.batch([2], fewshot._options(config))  # the same clip (A's query), before adaptation
+  query = split.batch([2], personaliser.audio_options(config))  # the same clip (A's query), before adaptation
   unadapted = np.asarray(model.apply(variables, query["audio"], query["length"])["outputs"][0])
   assert np.abs(predictions[2] - unadapted).max() > 1e-4, "fine-tuning on the support clips changed nothing"
   jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(variables))  # the trained model is untouched
@@ -272,7 +272,7 @@ def _read_out(target, train, embeddings, l2, per_speaker=True):
   """speaker_norm's read-out (per_speaker) or refit's, as FewShot fits it on the training split's embeddings."""
   config = fewshot_config.get_config("smoke")
   config.read_out_l2 = l2
-  return fewshot.Personaliser(None, target, None, None, None, None, train, lambda: embeddings).read_out(
+  return personaliser.Personaliser(None, target, None, None, None, None, train, lambda: embeddings).read_out(
       config, per_speaker=per_speaker)
 
 

@@ -15,6 +15,8 @@ import smoke
 from configs import fewshot as fewshot_config
 from exvo_jax import config_check
 from exvo_jax import emo18_trainer
+from exvo_jax import meta_trainer
+from exvo_jax import personaliser
 from exvo_jax.data import schema
 from exvo_jax.tasks import fewshot
 
@@ -129,14 +131,14 @@ def test_speaker_norm_plus_finetune_adapts_the_read_out_on_the_normalised_suppor
   target = emo18_trainer.make_target("hume_vb")
   config = fewshot_config.get_config("smoke")
   config.finetune.steps, config.finetune.learning_rate, config.finetune.anchor_weight = 3, 0.1, 0.0
-  class GivenReadOut(fewshot.Personaliser):
+  class GivenReadOut(personaliser.Personaliser):
     def read_out(self, config, per_speaker):
       assert per_speaker
       return read_out
 
-  personaliser = GivenReadOut(None, target, None, split, None, embeddings, None, None)
+  adapter = GivenReadOut(None, target, None, split, None, embeddings, None, None)
   for mode, steps in (("speaker_norm", 0), ("speaker_norm+finetune", 3)):
-    predictions = personaliser.predict(config, mode, episodes)
+    predictions = adapter.predict(config, mode, episodes)
     assert sorted(predictions) == [2, 3, 4, 7, 8, 9]
     for support, query in episodes.values():
       rows = np.concatenate([support, query])
@@ -159,7 +161,7 @@ def test_rows_by_speaker_matches_a_scan_per_speaker():
   speakers = np.array([f"Speaker_{i}" for i in rng.integers(0, 40, 1500)])
   keep = rng.random(1500) > 0.3
   for mask in (None, keep):
-    got = fewshot.rows_by_speaker(speakers, mask)
+    got = meta_trainer.rows_by_speaker(speakers, mask)
     selected = np.ones(1500, bool) if mask is None else mask
     expected = {s: np.flatnonzero((speakers == s) & selected) for s in set(speakers[selected])}
     assert got.keys() == expected.keys()
@@ -175,16 +177,16 @@ def test_episodes_with_other_class_queries_never_query_a_support_class():
   split = emo18_trainer.Split(None, np.arange(56).astype(str), speakers, labels, np.ones(56, bool))
   classes = labels
   rng = np.random.default_rng(0)
-  episodes = fewshot.sample_episodes(split, rng, num_episodes=200, num_support=2, num_query=4, classes=classes)
+  episodes = meta_trainer.sample_episodes(split, rng, num_episodes=200, num_support=2, num_query=4, classes=classes)
   assert episodes.shape == (200, 6)
   for row in episodes:
     assert len(set(speakers[row])) == 1 and len(set(row)) == 6 and speakers[row[0]] != "s4"
     assert not set(classes[row[2:]]) & set(classes[row[:2]])
-  plain = fewshot.sample_episodes(split, rng, num_episodes=200, num_support=2, num_query=4)
+  plain = meta_trainer.sample_episodes(split, rng, num_episodes=200, num_support=2, num_query=4)
   assert any(set(classes[row[2:]]) & set(classes[row[:2]]) for row in plain)  # without it they do overlap
   assert "s4" in set(speakers[plain[:, 0]])  # without classes it is eligible
   with pytest.raises(ValueError, match="with 9 outside any 2 support clips' classes"):
-    fewshot.sample_episodes(split, rng, num_episodes=4, num_support=2, num_query=9, classes=classes)
+    meta_trainer.sample_episodes(split, rng, num_episodes=4, num_support=2, num_query=9, classes=classes)
 
 
 def test_comparison_rows_take_their_own_settings_and_typos_fail_before_any_work():

@@ -22,6 +22,7 @@ from configs import multitask as multitask_config
 from exvo_jax import emo18_trainer
 from exvo_jax import gan as gan_lib
 from exvo_jax import loop
+from exvo_jax import meta_trainer
 from exvo_jax import mlp_trainer
 from exvo_jax import parallel
 from exvo_jax import runtime
@@ -110,8 +111,9 @@ def run_maml(workdir, splits):
   model = emo18.Emo18(num_outputs=10, hidden=8, bn_axis_name=parallel.DATA_AXIS)
   sample = splits["train"].batch([0], emo18_trainer.BaseSettings(max_seconds=0.5).audio_options())
   variables = model.init(jax.random.PRNGKey(0), sample["audio"], sample["length"], train=False)
-  adapted = fewshot.meta_train(config, model, target, variables, splits["train"], parallel.make_mesh(2),
-                               str(workdir), first_order=False, log=_quiet)
+  adapted = meta_trainer.meta_train(config, model, target, variables, splits["train"], parallel.make_mesh(2),
+                                    first_order=False, directory=fewshot.meta_directory(str(workdir), "maml"),
+                                    record=fewshot.meta_record(config, "maml"), log=_quiet)
   return adapted["params"], []
 
 

@@ -61,15 +61,12 @@ def summarise(draws, reference):
   # Scores read back from JSON hold None where they were NaN (writers.plain).
   score = np.array([d["score"] for d in draws], np.float64)
   gain = score - np.array([d["score"] for d in reference], np.float64)
-  change = (np.array([d["per_speaker"][s] for d, r in zip(draws, reference) for s in d["per_speaker"]], np.float64)
-            - np.array([r["per_speaker"][s] for d, r in zip(draws, reference) for s in d["per_speaker"]], np.float64))
+  pairs = [(d["per_speaker"][s], r["per_speaker"][s]) for d, r in zip(draws, reference) for s in d["per_speaker"]]
+  adapted, before = np.array(pairs, np.float64).reshape(-1, 2).T
   # A metric undefined in both counts as unchanged; undefined after the adaptation only (a diverged one) as hurt,
   # undefined before it only as helped.
-  adapted_nan = np.isnan(np.array([d["per_speaker"][s] for d in draws for s in d["per_speaker"]], np.float64))
-  reference_nan = np.isnan(np.array([r["per_speaker"][s] for d, r in zip(draws, reference)
-                                     for s in d["per_speaker"]], np.float64))
-  change = np.where(adapted_nan & reference_nan, 0.0,
-                    np.where(adapted_nan, -np.inf, np.where(reference_nan, np.inf, change)))
+  change = np.where(np.isnan(adapted) & np.isnan(before), 0.0,
+                    np.where(np.isnan(adapted), -np.inf, np.where(np.isnan(before), np.inf, adapted - before)))
   return {
       "mean": float(score.mean()), "std": float(score.std(ddof=1)) if len(score) > 1 else 0.0,
       "gain": float(gain.mean()), "helped": int(np.sum(change >= UNCHANGED)),

@@ -6,14 +6,18 @@ works on it the same way, on its pooled embedding and its parameter subset (`ada
 
 1. Train Emo18 on the Train split (MSE on the 10 emotions, Adam 1e-4, batch 8, clips cut at 20 s), keeping the
    epoch with the best validation mean CCC.
-2. Optionally meta-train it (`maml` / `fomaml`): episodes of one training speaker with 2 support and Q query clips,
-   k inner steps on a parameter subset, the outer loss on the query clips.
+2. Optionally meta-train it (`maml` / `fomaml`, exvo_jax/meta_trainer.py): episodes of one training speaker with 2
+   support and Q query clips, k inner steps on a parameter subset, the outer loss on the query clips.
 3. Evaluate on Val with 2 support clips per speaker (chosen by a fixed seed) and every other clip of that speaker
    as a query: per-emotion CCC and mean CCC over the query clips, for the chosen adaptation and for `none` on the
    very same clips.
 4. Predict the Test clips (support = the release's labelled Test clips) and write the ExVo-Few submission.
+5. With `config.compare` (`:compare`), every listed adaptation (rows may carry their own settings) is scored from
+   the same trained model on `config.support_draws` support draws, with per-speaker counts and the support clips'
+   classes scored apart (`compare`, `exvo_jax/evaluation/personalisation.py`); written to comparison.md and
+   metrics.json.
 
-Adaptations (`config.adaptation`):
+Adaptations (`config.adaptation`; exvo_jax/personaliser.py computes them):
   none            the trained model as it is
   finetune        per speaker, k gradient steps on the support clips (default subset: LSTM + head; a subset names
                   top-level parameters or paths, e.g. 'head/bias' or 'encoder/MaskedBatchNorm'), restarting from
@@ -32,11 +36,6 @@ Adaptations (`config.adaptation`):
                   speaker_bn+embedding_norm: then embedding_norm on the embeddings this gives
   support_bias    (regression) the support clips' mean residual, shrunk toward 0, added to the speaker's outputs
 `config.speaker_norm` shrinks the speaker's moments toward the training ones (speaker_norm, embedding_norm).
-
-5. With `config.compare` (`:compare`), every listed adaptation (rows may carry their own settings) is scored from
-   the same trained model on `config.support_draws` support draws, with per-speaker counts and the support clips'
-   classes scored apart (`compare`, `exvo_jax/evaluation/personalisation.py`); written to comparison.md and
-   metrics.json.
 """
 
 import copy
@@ -50,37 +49,26 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from exvo_jax import adaptation
 from exvo_jax import config_check
 from exvo_jax import emo18_trainer
-from exvo_jax import loop
+from exvo_jax import meta_trainer
 from exvo_jax import mlp_trainer
 from exvo_jax import parallel
+from exvo_jax import personaliser as personaliser_lib
 from exvo_jax import runtime
 from exvo_jax import ssl_trainer
 from exvo_jax import stages
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
-from exvo_jax.data import pipeline
 from exvo_jax.data import schema
 from exvo_jax.evaluation import personalisation
 from exvo_jax.models import emo18
 
 SPLITS = {"hume_vb": ("train", "validation", "test"), "emogator": ("train", "val")}
 MODELS = ("emo18", "ssl")
-
-
-def rows_by_speaker(speakers, keep=None):
-  """{speaker: ascending row indices} of a [N] speaker array (rows where `keep` is True), in O(N log N): a full-size
-  split has about 570 speakers, and comparing every row with every speaker costs seconds each call."""
-  rows = np.arange(len(speakers)) if keep is None else np.flatnonzero(keep)
-  names, owner = np.unique(np.asarray(speakers)[rows], return_inverse=True)
-  order = np.argsort(owner, kind="stable")
-  bounds = np.searchsorted(owner[order], np.arange(len(names) + 1))
-  return {name: rows[order[bounds[k]:bounds[k + 1]]] for k, name in enumerate(names.tolist())}
 
 
 def support_query(split, *, num_support, seed):
@@ -92,7 +80,7 @@ def support_query(split, *, num_support, seed):
   rng = np.random.default_rng(seed)
   fully_labelled = bool(split.labelled.all())
   result = {}
-  for speaker, rows in sorted(rows_by_speaker(split.speaker).items()):
+  for speaker, rows in sorted(meta_trainer.rows_by_speaker(split.speaker).items()):
     if fully_labelled:
       support = np.sort(rng.choice(rows, size=min(num_support, len(rows) - 1), replace=False))
     else:
@@ -101,350 +89,6 @@ def support_query(split, *, num_support, seed):
     if len(support) and len(query):
       result[speaker] = (support, query)
   return result
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Steps.
-
-def clip_loss_fn(model, target, batch_stats):
-  """(params, batch) -> loss with frozen BatchNorm statistics: the loss every adaptation step minimises. Its clips
-  are labelled ones (support, query, episodes), so the loss is the unmasked mean."""
-  def loss_fn(params, batch):
-    out = model.apply({"params": params, "batch_stats": batch_stats}, batch["audio"], batch["length"], train=False)
-    return target.loss(out["outputs"], batch["labels"], masked=False)
-  return loss_fn
-
-
-def make_meta_step(model, target, batch_stats, mask, maml, num_support, first_order):
-  """Per-device MAML step over a batch of episodes [E_local, S + Q, ...]; the outer gradient is pmean'ed."""
-  loss_fn = clip_loss_fn(model, target, batch_stats)
-
-  def episode_loss(params, episode):
-    support = jax.tree.map(lambda x: x[:num_support], episode)
-    query = jax.tree.map(lambda x: x[num_support:], episode)
-    adapted = adaptation.inner_loop(loss_fn, params, support, steps=maml.inner_steps,
-                                    learning_rate=maml.inner_learning_rate, mask=mask,
-                                    anchor_weight=maml.anchor_weight, first_order=first_order)
-    return loss_fn(adapted, query)
-
-  def meta_step(state, episodes):
-    def outer(params):
-      return jnp.mean(jax.vmap(episode_loss, in_axes=(None, 0))(params, episodes))
-    loss, grads = jax.value_and_grad(outer)(state.params)
-    grads = jax.lax.pmean(grads, parallel.DATA_AXIS)
-    return state.apply_gradients(grads=grads), {"loss": jax.lax.pmean(loss, parallel.DATA_AXIS)}
-
-  return meta_step
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training.
-
-def sample_episodes(split, rng, *, num_episodes, num_support, num_query, classes=None):
-  """Index arrays [E, S + Q] of episodes: each row one training speaker's support then query clips.
-
-  With `classes` ([N] int, `personalisation.clip_classes`), the query clips are drawn from other classes than the
-  support clips': an inner loop that only learned the support clips' classes gains nothing on them.
-  """
-  rows_of = rows_by_speaker(split.speaker, split.labelled)
-
-  def enough(rows):  # with classes: whatever the support clips, num_query clips of other classes remain
-    if classes is None:
-      return len(rows) >= num_support + num_query
-    largest = np.sort(np.unique(classes[rows], return_counts=True)[1])[::-1][:num_support].sum()
-    return len(rows) >= num_support and len(rows) - largest >= num_query
-
-  eligible = sorted(s for s, rows in rows_of.items() if enough(rows))
-  if not eligible:
-    raise ValueError(f"no training speaker has {num_support + num_query} labelled clips for a MAML episode"
-                     + (f" with {num_query} outside any {num_support} support clips' classes; lower "
-                        "config.maml.num_query or set --config.maml.query_other_classes=False" if classes is not None
-                        else "; lower config.maml.num_query"))
-  speakers = rng.choice(eligible, size=num_episodes, replace=len(eligible) < num_episodes)
-  if classes is None:
-    return np.stack([rng.choice(rows_of[s], size=num_support + num_query, replace=False) for s in speakers])
-  episodes = []
-  for speaker in speakers:
-    rows = rows_of[speaker]
-    support = rng.choice(rows, size=num_support, replace=False)
-    others = rows[~np.isin(classes[rows], classes[support])]  # enough of them: `enough`
-    episodes.append(np.concatenate([support, rng.choice(others, size=num_query, replace=False)]))
-  return np.stack(episodes)
-
-
-class EpisodeBatches:
-  """This process's rows of every meta-step's global batch of episodes: {audio, length, labels} [E_local, S + Q,
-  ...].
-
-  Every process draws the same global episodes from one seeded generator and reads only the clips of its own
-  rows (process p: rows [p * E_local, (p + 1) * E_local)), so the global batch does not depend on the number of
-  processes. The position is the number of draws; `set_state` replays them (index draws only, no audio).
-  """
-
-  def __init__(self, split, target, *, seed, num_episodes, num_support, num_query, options, classes=None):
-    self.split, self.target, self.options, self.classes = split, target, options, classes
-    self.num_episodes, self.num_support, self.num_query = num_episodes, num_support, num_query
-    self.seed = seed
-    self.rng, self.draws = np.random.default_rng(seed), 0
-    processes = jax.process_count()
-    self.local = num_episodes // processes
-    self.first = jax.process_index() * self.local
-
-  def _draw(self):
-    self.draws += 1
-    return sample_episodes(self.split, self.rng, num_episodes=self.num_episodes, num_support=self.num_support,
-                           num_query=self.num_query, classes=self.classes)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    episodes = self._draw()[self.first:self.first + self.local]
-    batch = emo18_trainer.device_batch(self.split.batch(episodes.reshape(-1), self.options), self.target)
-    return jax.tree.map(lambda x: x.reshape(*episodes.shape, *x.shape[1:]), batch)
-
-  def get_state(self):
-    return {"draws": self.draws}
-
-  def set_state(self, state):
-    self.rng, self.draws = np.random.default_rng(self.seed), 0
-    for _ in range(state["draws"]):
-      self._draw()
-
-
-def meta_train(config, model, target, variables, train, mesh, workdir, *, first_order, log=print, directory=None):
-  """MAML (or first-order MAML) from the trained model on the `train` Split; returns the meta-learned variables.
-
-  Checkpoints go to `directory`, by default `checkpoints/maml` or `checkpoints/fomaml`: the two never resume each
-  other's (a comparison row with other meta-training settings has its own, `row_meta_directory`).
-  """
-  mode = "fomaml" if first_order else "maml"
-  maml = config.maml
-  options = pipeline.AudioOptions(clip_samples=int(maml.clip_seconds * schema.SAMPLE_RATE), random_crop=True)
-  mask = adaptation.subset_mask(variables["params"], tuple(config.adapt_subset))
-  classes = personalisation.clip_classes(target, train.labels) if maml.query_other_classes else None
-
-  def make_state():
-    # A copy: the meta step donates its state, and the trained model's buffers are still needed afterwards.
-    own = jax.tree.map(jnp.copy, variables)
-    return emo18_trainer.TrainState.create(apply_fn=model.apply, params=own["params"],
-                                           batch_stats=own["batch_stats"], tx=optax.adam(maml.outer_learning_rate))
-
-  episodes_per_step = max(maml.episodes_per_step // mesh.size, 1) * mesh.size
-  if episodes_per_step % jax.process_count():
-    raise ValueError(f"{episodes_per_step} episodes per meta-step are not divisible by the {jax.process_count()} "
-                     "processes")
-  trainer = loop.Trainer(
-      name=f"meta-training ({mode})", directory=directory or meta_directory(workdir, mode), init_state=make_state,
-      record=meta_record(config, mode),
-      step=parallel.data_parallel(make_meta_step(model, target, variables["batch_stats"], mask, maml,
-                                                 config.num_support, first_order), mesh),
-      batches=lambda _: EpisodeBatches(train, target, seed=[config.seed, 7], num_episodes=episodes_per_step,
-                                       num_support=config.num_support, num_query=maml.num_query, options=options,
-                                       classes=classes),
-      to_device=lambda batch: batch, max_to_keep=1, per_item=("episodes", episodes_per_step),
-      progress_every_s=config.log_every_s, log=log)
-  schedule = loop.Schedule(total_steps=maml.meta_steps, checkpoint_every=maml.checkpoint_every,
-                           log_every=maml.log_every)
-  state = loop.train(trainer, schedule, mesh).state
-  return {"params": state.params, "batch_stats": variables["batch_stats"]}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Personalised evaluation.
-
-def _options(config):
-  return pipeline.AudioOptions(max_samples=int(config.max_seconds * schema.SAMPLE_RATE),
-                               pad_multiple=config.eval_pad_seconds * schema.SAMPLE_RATE)
-
-
-def _chunks(indices, size):
-  return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
-def _moments(x):
-  """Mean and std [D] over the rows of x [N, D] (float64)."""
-  return x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
-
-
-def _standardise(x, moments):
-  """x standardised with global `moments`; a constant column (std ~0) is only centred."""
-  mean, std = moments
-  return ((x - mean) / np.where(std > 1e-6, std, 1.0)).astype(np.float32)
-
-
-class Personaliser:
-  """Predictions for the query clips of one split under every adaptation of one trained model.
-
-  What adaptations and support draws share is computed once, when first needed: the training embeddings (a pass
-  over the Train split) with their moments and read-outs, and each speaker's BatchNorm pass (`speaker_bn` uses no
-  labels, so it is the same for every draw).
-
-  Args:
-    model, target, variables: the trained model (base or, for maml/fomaml, meta-learned variables come per call).
-    split: the split adapted to (Val, Test); outputs, embeddings: the unadapted model's on every clip of it, or
-      None and `predictions`, a () -> (outputs, embeddings) callable run when a mode first needs them.
-    train, train_embeddings: the Train split and a () -> [N_train, H] callable giving its unadapted embeddings.
-  """
-
-  def __init__(self, model, target, variables, split, outputs, embeddings, train, train_embeddings,
-               predictions=None):
-    self.model, self.target, self.variables, self.split = model, target, variables, split
-    self._predicted = None if outputs is None and embeddings is None else (outputs, embeddings)
-    self._predictions = predictions
-    self.train, self._train_embeddings, self._train_cache = train, train_embeddings, None
-    self._read_outs, self._bn_outputs = {}, {}
-
-  @property
-  def outputs(self):
-    return self._predicted_pair()[0]
-
-  @property
-  def embeddings(self):
-    return self._predicted_pair()[1]
-
-  def _predicted_pair(self):
-    if self._predicted is None:
-      self._predicted = self._predictions()
-    return self._predicted
-
-  def train_embeddings(self):
-    """The labelled training clips' embeddings and their speakers, labels and global moments (mean, std)."""
-    if self._train_cache is None:
-      rows = self.train.labelled
-      embeddings = np.asarray(self._train_embeddings())[rows]
-      self._train_cache = (embeddings, self.train.speaker[rows], self.train.labels[rows], _moments(embeddings))
-    return self._train_cache
-
-  def _statistics(self, config, features, speakers):
-    """Per-speaker moments of `features` with `config.speaker_norm`'s shrinkage toward the training moments."""
-    settings = config.speaker_norm
-    prior = self.train_embeddings()[3] if settings.prior_clips or settings.min_std_fraction else None
-    return adaptation.speaker_statistics(features, speakers, prior=prior, prior_clips=settings.prior_clips,
-                                         min_std_fraction=settings.min_std_fraction)
-
-  def read_out(self, config, per_speaker):
-    """The linear read-out refit on the training embeddings, normalised per training speaker (speaker_norm) or with
-    the training set's global moments (refit, the control that changes nothing but the refit)."""
-    key = (per_speaker, config.read_out_l2, *(config.speaker_norm.values() if per_speaker else ()))
-    if key not in self._read_outs:
-      embeddings, speakers, labels, moments = self.train_embeddings()
-      normalised = (adaptation.speaker_normalise(embeddings, speakers, self._statistics(config, embeddings, speakers))
-                    if per_speaker else _standardise(embeddings, moments))
-      self._read_outs[key] = adaptation.fit_linear_head(normalised, labels, kind=self.target.kind,
-                                                        l2=config.read_out_l2, num_classes=self.target.num_outputs)
-    return self._read_outs[key]
-
-  def predict(self, config, mode, episodes, variables=None):
-    """{query index: prediction} of every query clip of `episodes` ({speaker: (support, query)}) under `mode`."""
-    variables = variables or self.variables
-    modes = set(mode.split("+"))
-    if modes == {"none"}:
-      return {i: self.outputs[i] for _, query in episodes.values() for i in query.tolist()}
-    if "speaker_bn" in modes:
-      outputs, embeddings = self._speaker_bn(config, episodes, variables)
-      if modes == {"speaker_bn"}:
-        return {i: outputs[i] for _, query in episodes.values() for i in query.tolist()}
-      return self._embedding_modes(config, modes - {"speaker_bn"}, episodes,
-                                   lambda rows: np.stack([embeddings[i] for i in rows.tolist()]))
-    if modes & {"speaker_norm", "refit", "embedding_norm"}:
-      return self._embedding_modes(config, modes, episodes, lambda rows: self.embeddings[rows])
-    if mode == "support_bias":
-      predictions = {}
-      for support, query in episodes.values():
-        offset = adaptation.support_offset(self.split.labels[support] - self.outputs[support],
-                                           config.support_bias.prior_clips)
-        predictions.update(zip(query.tolist(), self.outputs[query] + offset))
-      return predictions
-    return self._inner_loop(config, mode, episodes, variables)
-
-  def _embedding_modes(self, config, modes, episodes, embeddings_of):
-    """speaker_norm (+finetune), refit, embedding_norm on the embeddings `embeddings_of(rows)` of a speaker's
-    clips (the unadapted model's, or those under the speaker's own BatchNorm statistics)."""
-    split, target = self.split, self.target
-    steps = config.finetune.steps if "finetune" in modes else 0
-
-    def head_loss(head, batch):
-      return target.loss(batch["x"] @ head["kernel"] + head["bias"], batch["labels"], masked=False)
-
-    adapt_head = jax.jit(lambda head, batch: adaptation.inner_loop(
-        head_loss, head, batch, steps=steps, learning_rate=config.finetune.learning_rate,
-        mask={"kernel": True, "bias": True}, anchor_weight=config.finetune.anchor_weight))
-    if "embedding_norm" in modes:  # the model's own linear head on restandardised embeddings
-      head = {k: np.asarray(v) for k, v in self.variables["params"]["head"].items()}
-    else:
-      head = self.read_out(config, per_speaker="speaker_norm" in modes)
-    predictions = {}
-    for speaker, (support, query) in episodes.items():
-      runtime.preemption.check(f"{'+'.join(sorted(modes))} adaptation stopped at speaker {speaker} (the rerun "
-                               "adapts again)")
-      rows = np.concatenate([support, query])  # all of the speaker's clips; their labels are not used
-      features, speakers = embeddings_of(rows), split.speaker[rows]
-      if "refit" in modes:
-        normalised = _standardise(features, self.train_embeddings()[3])
-      elif "embedding_norm" in modes:
-        normalised = adaptation.restandardise(features, speakers, self._statistics(config, features, speakers),
-                                              self.train_embeddings()[3])
-      else:
-        normalised = adaptation.speaker_normalise(features, speakers, self._statistics(config, features, speakers))
-      adapted = head
-      if steps:
-        adapted = adapt_head(head, {"x": normalised[:len(support)], "labels": split.labels[support]})
-      out = normalised[len(support):] @ np.asarray(adapted["kernel"]) + np.asarray(adapted["bias"])
-      predictions.update(zip(query.tolist(), out))
-    return predictions
-
-  def _speaker_bn(self, config, episodes, variables):
-    """({index: output}, {index: embedding}) of every clip of the episodes' speakers under BatchNorm statistics
-    re-estimated over all of that speaker's clips (no labels)."""
-    options = _options(config)
-    predict = jax.jit(lambda v, audio, length: self.model.apply(v, audio, length, train=False))
-    outputs, embeddings = {}, {}
-    # Passes over the same clips with the same settings are reused (the draws change only which clips are queries).
-    settings = (config.speaker_bn_batch, config.max_seconds, config.eval_pad_seconds)
-    if variables is not self.variables:  # another model's statistics are never mixed with these
-      self._bn_outputs = {}
-    for speaker, (support, query) in episodes.items():
-      key = (speaker, settings)
-      if key not in self._bn_outputs:
-        runtime.preemption.check(f"speaker_bn adaptation stopped at speaker {speaker} (the rerun adapts again)")
-        rows = np.sort(np.concatenate([support, query]))
-        batches = [self.split.batch(chunk, options) for chunk in _chunks(rows, config.speaker_bn_batch)]
-        adapted = adaptation.batch_norm_statistics(self.model, variables, (
-            (b["audio"], b["length"], int(np.sum(np.asarray(emo18.frames_per_clip(b["length"]))))) for b in batches))
-        out = [predict(adapted, b["audio"], b["length"]) for b in batches]
-        self._bn_outputs[key] = tuple(
-            dict(zip(rows.tolist(), np.concatenate([np.asarray(o[key]) for o in out])))
-            for key in ("outputs", "embedding"))
-      outputs.update(self._bn_outputs[key][0])
-      embeddings.update(self._bn_outputs[key][1])
-    return outputs, embeddings
-
-  def _inner_loop(self, config, mode, episodes, variables):
-    """finetune, maml, fomaml: the same inner loop, restarted from `variables` for every speaker."""
-    settings = config.finetune if mode == "finetune" else config.maml
-    steps = settings.steps if mode == "finetune" else config.maml.inner_steps
-    learning_rate = settings.learning_rate if mode == "finetune" else config.maml.inner_learning_rate
-    mask = adaptation.subset_mask(variables["params"], tuple(config.adapt_subset))
-    loss_fn = clip_loss_fn(self.model, self.target, variables["batch_stats"])
-    adapt = jax.jit(lambda params, support: adaptation.inner_loop(
-        loss_fn, params, support, steps=steps, learning_rate=learning_rate, mask=mask,
-        anchor_weight=settings.anchor_weight))
-    predict = jax.jit(lambda params, batch: self.model.apply(
-        {"params": params, "batch_stats": variables["batch_stats"]}, batch["audio"], batch["length"],
-        train=False)["outputs"])
-    options = _options(config)
-    predictions = {}
-    for speaker, (support, query) in episodes.items():
-      runtime.preemption.check(f"{mode} adaptation stopped at speaker {speaker} (the rerun adapts again)")
-      support_batch = self.split.batch(support, options)
-      adapted = adapt(variables["params"], {"audio": support_batch["audio"], "length": support_batch["length"],
-                                            "labels": self.split.labels[support]})
-      for chunk in _chunks(query, config.adapt_query_batch):
-        batch = self.split.batch(chunk, options, batch_size=config.adapt_query_batch)
-        out = np.asarray(predict(adapted, {"audio": batch["audio"], "length": batch["length"]}))
-        predictions.update(zip(chunk.tolist(), out[:len(chunk)]))
-    return predictions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -542,6 +186,13 @@ def comparison_rows(config):
   adaptation (when not among them)."""
   names = list(dict.fromkeys(["none", *config.compare, config.adaptation]))
   return [(name, *parse_row(config, name)) for name in names]
+
+
+def meta_learned(config, row_config, mode, model, target, variables, train, mesh, workdir):
+  """The variables meta-trained (`mode` maml or fomaml) with `row_config`'s settings, in their own folder."""
+  return meta_trainer.meta_train(row_config, model, target, variables, train, mesh, first_order=mode == "fomaml",
+                                 directory=row_meta_directory(config, row_config, mode, workdir),
+                                 record=meta_record(row_config, mode))
 
 
 def row_meta_directory(config, row_config, mode, workdir):
@@ -683,11 +334,11 @@ def run(config, workdir):
   modes = set(config.adaptation.split("+"))
   adapted_variables = variables
   if modes & {"maml", "fomaml"}:
-    adapted_variables = meta_train(config, model, target, variables, splits["train"], mesh, workdir,
-                                   first_order="fomaml" in modes)
+    adapted_variables = meta_learned(config, config, "fomaml" if "fomaml" in modes else "maml", model, target,
+                                     variables, splits["train"], mesh, workdir)
 
   eval_batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
-  options = _options(config)
+  options = personaliser_lib.audio_options(config)
   replicated = []  # (variables, their replicated copy): the base model's and the meta-learned ones
 
   def predict_all(v, split):
@@ -705,8 +356,8 @@ def run(config, workdir):
     return train_cache[0]
 
   def personaliser(name, v):  # the unadapted outputs and embeddings of the split only when a mode needs them
-    return Personaliser(model, target, v, splits[name], None, None, splits["train"], train_embeddings,
-                        predictions=lambda: predict_all(v, splits[name]))
+    return personaliser_lib.Personaliser(model, target, v, splits[name], None, None, splits["train"],
+                                         train_embeddings, predictions=lambda: predict_all(v, splits[name]))
 
   val = splits[config.val_split]
   val_personalisers = {"none": personaliser(config.val_split, variables)}
@@ -777,11 +428,9 @@ def compare(config, model, target, variables, history, splits, mesh, workdir, ba
       log(f"comparison: {name}: kept from {path}")
     else:
       row_start = time.monotonic()
-      personalisers = {"none": base}
       v = variables
       for meta in sorted(set(mode.split("+")) & {"maml", "fomaml"}):
-        v = meta_train(row_config, model, target, variables, splits["train"], mesh, workdir,
-                       first_order=meta == "fomaml", directory=row_meta_directory(config, row_config, meta, workdir))
+        v = meta_learned(config, row_config, meta, model, target, variables, splits["train"], mesh, workdir)
       source = base if v is variables else personaliser(config.val_split, v)
       scored[name] = [personalisation.score_draw(target, val.labels, classes, episodes,
                                                  source.predict(row_config, mode, episodes, v))
