@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "librosa>=0.11.0",
     "soundfile>=0.14.0",
     "opensmile>=2.6.0",  # ComParE / eGeMAPS functionals and LLDs; ships its own binary
+    "matplotlib>=3.11.2",  # the figures (headless Agg backend)
+    "tensorboardX>=2.6.5",  # TensorBoard event files without TensorFlow
 ]
 
 TEST_REQUIRES = [
@@ -31,6 +33,7 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers>=5.24.0",
     "safetensors>=0.8.0",  # the reference reader and writer of the loader's tests
+    "tensorboard>=2.21.0",  # its event reader checks what the runs wrote (and `tensorboard --logdir runs/` views it)
 ]
 
 setuptools.setup(

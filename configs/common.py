@@ -57,6 +57,11 @@ def get_config():
   config.data.tfds_dir = ""  # where built array_record files go; empty: a per-corpus folder in the cache
   config.data.strict = False  # any reported bad input fails the run instead of skipping the clip
   config.data.workers = 0  # grain worker processes
+
+  config.log = ml_collections.ConfigDict()
+  config.log.tensorboard = True  # event files under <workdir>/tensorboard/ (`tensorboard --logdir runs/`)
+  config.log.wandb = False  # also log to Weights & Biases (needs `pip install wandb` and a login)
+  config.log.wandb_project = "exvo_jax"
   return config
 
 

@@ -74,6 +74,7 @@ def get_config(arg=None):
   config.sample.seed = 0
   config.sample.griffin_lim_iters = 32
   config.sample.batch_size = 25
+  config.sample.tensorboard_clips = 2  # generated clips per emotion put in TensorBoard as audio
   config.sample.grid_columns = 8
   # bin_labels: a conditional generator is asked for emotion e with the intensity vectors of e's training clips
   # (one per generated clip, dealt in shuffled rounds); bin_mean: with their mean vector for every clip.

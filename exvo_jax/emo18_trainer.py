@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from exvo_jax import checkpoint
 from exvo_jax import loop
 from exvo_jax import parallel
 from exvo_jax import targets
@@ -152,8 +153,35 @@ def base_directory(workdir):
   return os.path.join(workdir, "checkpoints", "base")
 
 
+def emo18_state_fn(model, settings):
+  """sample batch -> a fresh TrainState of Emo18, initialised with `settings.seed`, Adam at its learning rate."""
+
+  def make_state(sample):
+    variables = model.init(jax.random.PRNGKey(settings.seed), sample["audio"], sample["length"], train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"], tx=optax.adam(settings.learning_rate))
+
+  return make_state
+
+
+def restore_base(workdir, make_state, options, target, mesh):
+  """The best variables ({'params', 'batch_stats'}) of the base model `train_base` trained in `workdir`, replicated
+  over `mesh`, read only; `make_state` as `train_base`'s (sample batch -> TrainState)."""
+  sample = pipeline.collate([pipeline.prepare_audio({"audio": np.zeros(options.pad_multiple, np.int16)}, options)],
+                            batch_size=1, options=options)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = checkpoint.with_sharding(jax.eval_shape(lambda: make_state(sample)), replicated)
+  directory = base_directory(workdir)
+  with checkpoint.Checkpointer(directory, best_metric=target.metric, best_mode="max", read_only=True) as ckpt:
+    state = ckpt.restore_best(abstract)
+  if state is None:
+    raise FileNotFoundError(f"{directory}: no best checkpoint of the base model; finish the run first (same "
+                            "command and --workdir)")
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
 def train_base(settings, model, target, train, val, mesh, workdir, log=print, record=None, read_only=False,
-               name="base model", describe=None, make_state=None, train_step=None):
+               name="base model", describe=None, make_state=None, train_step=None, learning_rates=None):
   """Trains Emo18 on `train`, keeping the epoch with the best validation score; returns (best variables, history,
   predict_fn, the history entry of the best epoch: the one whose variables are returned).
 
@@ -165,15 +193,12 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
 
   Another raw-audio model plugs in with the same call signature and outputs as Emo18 (`model.apply(variables,
   audio, length, train=...)` -> {"outputs", "embedding"}) and its own `make_state(sample batch) -> TrainState` and
-  per-device `train_step` (the fine-tuned speech encoder: `exvo_jax/ssl_trainer.py`).
+  per-device `train_step` (the fine-tuned speech encoder: `exvo_jax/ssl_trainer.py`), and `learning_rates` (step ->
+  {name: rate}, for TensorBoard; default Adam's one rate).
   """
   options = settings.audio_options()
   sample = train.batch([0], options)
-
-  def make_emo18_state():
-    variables = model.init(jax.random.PRNGKey(settings.seed), sample["audio"], sample["length"], train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], tx=optax.adam(settings.learning_rate))
+  make_state = make_state or emo18_state_fn(model, settings)
 
   predict_fn = parallel.data_parallel(make_predict_step(model), mesh, donate_argnums=(),
                                       out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS))
@@ -191,7 +216,7 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
   masked = not target.all_known(train.labels)
   trainer = loop.Trainer(
       name=name, directory=base_directory(workdir),
-      init_state=make_emo18_state if make_state is None else lambda: make_state(sample),
+      init_state=lambda: make_state(sample),
       step=parallel.data_parallel(train_step or make_train_step(model, target, masked), mesh),
       batches=lambda epoch: pipeline.make_pipeline(
           train.source, batch_size=settings.batch_size // processes, train=True, num_epochs=1,
@@ -199,6 +224,7 @@ def train_base(settings, model, target, train, val, mesh, workdir, log=print, re
           shard_count=processes),
       to_device=lambda batch: device_batch(batch, target), evaluate=evaluate, best_metric=target.metric,
       metrics_log=None if read_only else os.path.join(workdir, "metrics_log.jsonl"), record=record,
+      learning_rates=learning_rates or (lambda _: {"adam": settings.learning_rate}),
       read_only=read_only, describe=describe or (lambda scores: f"val {target.metric} {scores[target.metric]:.4f}"),
       per_item=("clips", settings.batch_size), progress_every_s=settings.log_every_s, log=log)
   schedule = loop.Schedule(total_steps=steps_per_epoch * settings.num_epochs, steps_per_epoch=steps_per_epoch,

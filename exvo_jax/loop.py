@@ -14,6 +14,9 @@ What the loop guarantees:
   read back together, checked for NaN/Inf (`runtime.NonFiniteLoss`, exit status 3, naming the first bad step and
   the last good checkpoint), summed for the period's mean, written to the metrics log and shown on the progress
   line. A checkpoint is therefore never written after a non-finite step.
+- TensorBoard (`writers.EventLog`, process 0): the read-back step metrics as `train/<name>`, the learning rates as
+  `learning_rate/<name>`, every evaluation as `val/<name>`, and whatever the trainer's actions add (the GAN's
+  spectrogram grids); a resumed run purges the events the interrupted one wrote after its checkpoint.
 - Evaluation every `eval_every` steps and at the last: its metrics go to the log and the history, the checkpoint
   with the best `Trainer.best_metric` is kept (orbax, beside the latest), and `patience` evaluations without
   improvement end training early.
@@ -25,6 +28,7 @@ What the loop guarantees:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -80,7 +84,10 @@ class Trainer:
     best_mode: "max" or "min".
     max_to_keep: latest checkpoints kept.
     metrics_log: JSONL file of the train and evaluation metrics; None: none.
-    actions: (every, fn(step, state)) run every `every` steps and at the last step (e.g. sample grids).
+    events: the TensorBoard folder of the run; None: `writers.events_folder` beside `metrics_log` (none without it).
+    learning_rates: None, or step -> {name: the learning rate at that step} (logged with the step metrics).
+    actions: (every, fn(step, state, events)) run every `every` steps and at the last step (e.g. sample grids);
+      `events` is the run's `writers.EventLog` (None when it has none).
     describe: {name: float} -> the text shown after an evaluation; None: every metric.
     per_item: (name, count per step) for the progress line's second rate, e.g. ("clips", 32).
     progress_every_s: seconds between progress lines (the first step's line always shows).
@@ -101,7 +108,9 @@ class Trainer:
   best_mode: str = "max"
   max_to_keep: int = 2
   metrics_log: str | None = None
-  actions: Sequence[tuple[int, Callable[[int, Any], None]]] = ()
+  events: str | None = None
+  learning_rates: Callable[[int], Mapping[str, float]] | None = None
+  actions: Sequence[tuple[int, Callable[[int, Any, Any], None]]] = ()
   describe: Callable[[Mapping[str, float]], str] | None = None
   per_item: tuple[str, int] | None = None
   progress_every_s: float = 30.0
@@ -196,6 +205,11 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
   best_step = extra.get("best_step")
   window = _Window(**extra.get("window", {}))
   metrics_log = writers.MetricsLog(trainer.metrics_log) if trainer.metrics_log else None
+  events_folder = trainer.events or (writers.events_folder(os.path.dirname(trainer.metrics_log), trainer.name)
+                                     if trainer.metrics_log else None)
+  unfinished = done < total and not extra.get("stopped_early")
+  events = (writers.EventLog(events_folder, purge_step=done + 1 if done else None) if events_folder and unfinished
+            else None)
   progress = writers.Progress(total, what="steps", per_item=trainer.per_item, start=done,
                               every_s=trainer.progress_every_s)
   iterator, epoch = None, None
@@ -213,69 +227,80 @@ def train(trainer: Trainer, schedule: Schedule, mesh: jax.sharding.Mesh) -> Resu
       runtime.check_finite(means, step=bad_step, what=trainer.name, checkpointer=ckpt)
     if means and metrics_log is not None:
       metrics_log.write(step, **means)
+    if means and events is not None:
+      events.scalars(step, means, prefix="train/")
+      if trainer.learning_rates is not None:
+        events.scalars(step, trainer.learning_rates(step), prefix="learning_rate/")
     return means
 
-  stopped_early = bool(extra.get("stopped_early", False))
-  step = done
-  for step in range(done + 1, total + 1) if not stopped_early else ():
-    epoch_start = schedule.steps_per_epoch is not None and (step - 1) % schedule.steps_per_epoch == 0
-    if iterator is None or epoch_start:
-      epoch = schedule.epoch_of(step) or 1
-      iterator = iter(trainer.batches(epoch))
-      if "data" in extra and not epoch_start:  # resumed mid-epoch (or mid-stream): continue where it stopped
-        iterator.set_state(extra.pop("data"))
-    state, step_metrics = trainer.step(state, parallel.global_batch_from_local(
-        trainer.to_device(next(iterator)), mesh))
-    window.add(step, step_metrics)
-    last = step == total
-    epoch_end = schedule.steps_per_epoch is not None and step % schedule.steps_per_epoch == 0
-    evaluating = bool(schedule.eval_every) and (step % schedule.eval_every == 0 or last)
-    if step % schedule.log_every == 0 or epoch_end or evaluating or last:
-      read_back(step)
-    progress.update(step, extra=trainer.name + (f" epoch {epoch}" if schedule.steps_per_epoch else "")
-                    + ("" if not window.last else " | " + " ".join(f"{k} {v:.4f}" for k, v in window.last.items())))
-    scores = None
-    if evaluating:
-      with runtime.preemption.deferred():  # a SIGTERM meanwhile is handled below, after the save
-        scores = dict(trainer.evaluate(state))
-      improved = _improves(scores, trainer, ckpt.best_value)
-      history.append({"step": step, **({"epoch": epoch} if schedule.steps_per_epoch else {}),
-                      **window.period_means(), **scores})
-      if metrics_log is not None:
-        metrics_log.write(step, **scores)
-      bad_evals = 0 if improved else bad_evals + 1
-      best_step = step if improved else best_step
-      text = trainer.describe(scores) if trainer.describe else " ".join(
-          f"{k} {v:.4f}" for k, v in scores.items())
-      train_loss = history[-1].get("train_loss")
-      trainer.log(f"{trainer.name} step {step}" + (f" (epoch {epoch})" if schedule.steps_per_epoch else "")
-                  + (f": train loss {train_loss:.4f} |" if train_loss is not None else ":")
-                  + f" {text}" + (" *" if improved else ""))
-      stopped_early = bool(schedule.patience) and bad_evals >= schedule.patience and not last
-    for every, action in trainer.actions:
-      if step % every == 0 or last:
-        with runtime.preemption.deferred():
-          action(step, state)
-    stop = not last and (not multi or step % schedule.log_every == 0) and runtime.preemption.should_stop()
-    if (evaluating or last or stop or stopped_early
-        or (schedule.checkpoint_every and step % schedule.checkpoint_every == 0)):
-      read_back(step)
-      mid_epoch = schedule.steps_per_epoch is None or not epoch_end
-      ranked = scores is not None and trainer.best_metric is not None and np.isfinite(scores[trainer.best_metric])
-      ckpt.save(step, state, metrics={trainer.best_metric: scores[trainer.best_metric]} if ranked else None,
-                extra=snapshot(step, iterator.get_state() if mid_epoch and not last else None))
-    if stopped_early:
-      trainer.log(f"{trainer.name}: stopped early at step {step}: {schedule.patience} evaluations without a better "
-                  f"{trainer.best_metric}")
-      break
-    if stop:
-      ckpt.close()
-      where = f", epoch {epoch}" if schedule.steps_per_epoch else ""
-      raise runtime.Preempted(f"{trainer.name} saved at step {step} of {total}{where} in {ckpt.directory}")
-  best_state = state
-  if trainer.best_metric is not None and ckpt.best_step() is not None:
-    best_state = ckpt.restore_best(abstract)
-  ckpt.close()
+  try:
+    stopped_early = bool(extra.get("stopped_early", False))
+    step = done
+    for step in range(done + 1, total + 1) if not stopped_early else ():
+      epoch_start = schedule.steps_per_epoch is not None and (step - 1) % schedule.steps_per_epoch == 0
+      if iterator is None or epoch_start:
+        epoch = schedule.epoch_of(step) or 1
+        iterator = iter(trainer.batches(epoch))
+        if "data" in extra and not epoch_start:  # resumed mid-epoch (or mid-stream): continue where it stopped
+          iterator.set_state(extra.pop("data"))
+      state, step_metrics = trainer.step(state, parallel.global_batch_from_local(
+          trainer.to_device(next(iterator)), mesh))
+      window.add(step, step_metrics)
+      last = step == total
+      epoch_end = schedule.steps_per_epoch is not None and step % schedule.steps_per_epoch == 0
+      evaluating = bool(schedule.eval_every) and (step % schedule.eval_every == 0 or last)
+      if step % schedule.log_every == 0 or epoch_end or evaluating or last:
+        read_back(step)
+      progress.update(step, extra=trainer.name + (f" epoch {epoch}" if schedule.steps_per_epoch else "")
+                      + ("" if not window.last else " | " + " ".join(f"{k} {v:.4f}" for k, v in window.last.items())))
+      scores = None
+      if evaluating:
+        with runtime.preemption.deferred():  # a SIGTERM meanwhile is handled below, after the save
+          scores = dict(trainer.evaluate(state))
+        improved = _improves(scores, trainer, ckpt.best_value)
+        history.append({"step": step, **({"epoch": epoch} if schedule.steps_per_epoch else {}),
+                        **window.period_means(), **scores})
+        if metrics_log is not None:
+          metrics_log.write(step, **scores)
+        if events is not None:
+          events.scalars(step, scores, prefix="val/")
+          events.flush()
+        bad_evals = 0 if improved else bad_evals + 1
+        best_step = step if improved else best_step
+        text = trainer.describe(scores) if trainer.describe else " ".join(
+            f"{k} {v:.4f}" for k, v in scores.items())
+        train_loss = history[-1].get("train_loss")
+        trainer.log(f"{trainer.name} step {step}" + (f" (epoch {epoch})" if schedule.steps_per_epoch else "")
+                    + (f": train loss {train_loss:.4f} |" if train_loss is not None else ":")
+                    + f" {text}" + (" *" if improved else ""))
+        stopped_early = bool(schedule.patience) and bad_evals >= schedule.patience and not last
+      for every, action in trainer.actions:
+        if step % every == 0 or last:
+          with runtime.preemption.deferred():
+            action(step, state, events)
+      stop = not last and (not multi or step % schedule.log_every == 0) and runtime.preemption.should_stop()
+      if (evaluating or last or stop or stopped_early
+          or (schedule.checkpoint_every and step % schedule.checkpoint_every == 0)):
+        read_back(step)
+        mid_epoch = schedule.steps_per_epoch is None or not epoch_end
+        ranked = scores is not None and trainer.best_metric is not None and np.isfinite(scores[trainer.best_metric])
+        ckpt.save(step, state, metrics={trainer.best_metric: scores[trainer.best_metric]} if ranked else None,
+                  extra=snapshot(step, iterator.get_state() if mid_epoch and not last else None))
+      if stopped_early:
+        trainer.log(f"{trainer.name}: stopped early at step {step}: {schedule.patience} evaluations without a better "
+                    f"{trainer.best_metric}")
+        break
+      if stop:
+        ckpt.close()
+        where = f", epoch {epoch}" if schedule.steps_per_epoch else ""
+        raise runtime.Preempted(f"{trainer.name} saved at step {step} of {total}{where} in {ckpt.directory}")
+    best_state = state
+    if trainer.best_metric is not None and ckpt.best_step() is not None:
+      best_state = ckpt.restore_best(abstract)
+    ckpt.close()
+  finally:
+    if events is not None:
+      events.close()
   return Result(state=state, best_state=best_state, step=max(step, done), history=history, best_step=best_step)
 
 

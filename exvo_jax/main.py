@@ -2,14 +2,16 @@
 
 Parses the flags, checks the config's values and refuses URL workdirs (before any work), starts the multi-process
 runtime when the run is distributed, checks the workdir and that its checkpointed stages were made by this
-configuration (`stages`), installs the SIGTERM handler, then hands the config and workdir to the task named by
-`config.task`.
+configuration (`stages`), installs the SIGTERM handler, sets up the TensorBoard / wandb logging (`config.log`),
+writes the config to `<workdir>/config.json` (not `predict`, whose workdir is the trained run it reads), then hands
+the config and workdir to the task named by `config.task`.
 
 Exit status: 0 done or preempted (rerun the same command to resume), 1 an error, 2 a usage error (a config typo,
-a URL workdir, checkpoints made by another configuration), 3 a non-finite loss.
+a URL workdir, checkpoints made by another configuration, a `predict` workdir or audio argument it cannot use), 3 a
+non-finite loss.
 """
 
-import importlib
+import importlib.util
 import os
 import sys
 
@@ -17,6 +19,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from exvo_jax import tasks
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/fewshot.py:smoke.",
@@ -28,21 +32,6 @@ flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT 
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 .. num_processes - 1.")
 flags.mark_flags_as_required(["config"])
-
-# config.task -> its module: `check_config(config)` and `checkpointed_stages(config, workdir)` run before any work,
-# then `run(config, workdir)`. Imported when needed: JAX is not loaded before the cheap checks have passed.
-TASKS = {
-    "avb": "exvo_jax.tasks.avb",
-    "describe": "exvo_jax.tasks.describe",
-    "fewshot": "exvo_jax.tasks.fewshot",
-    "generate": "exvo_jax.tasks.generate",
-    "multitask": "exvo_jax.tasks.multitask",
-}
-
-
-def task_module(name):
-  return importlib.import_module(TASKS[name])
-
 
 def _stop(message, status):
   print(f"stopped: {message}", file=sys.stderr, flush=True)
@@ -56,7 +45,10 @@ def check_config(config):
   config_check.choice(config, "data.dataset", ("hume_vb", "emogator"))
   config_check.choice(config, "data.demo_size", tuple(demo.SIZES))
   config_check.choice(config, "data.demo_layout", tuple(demo.AUDIO_DIRS))
-  task_module(config.task).check_config(config)
+  if config.log.wandb and importlib.util.find_spec("wandb") is None:
+    raise config_check.ConfigError("--config.log.wandb=True logs to Weights & Biases, and the wandb package is not "
+                                   "installed: pip install wandb (and wandb login), or leave it False")
+  tasks.module(config.task).check_config(config)
 
 
 def refuse_url(workdir):
@@ -73,25 +65,32 @@ def main(argv):
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", config.task)
   refuse_url(workdir)
-  if config.task not in TASKS:
-    raise app.UsageError(f"config.task is {config.task!r}; known tasks: {', '.join(sorted(TASKS))}")
+  if config.task not in tasks.MODULES:
+    raise app.UsageError(f"config.task is {config.task!r}; known tasks: {', '.join(sorted(tasks.MODULES))}")
   from exvo_jax import config_check  # pylint: disable=import-outside-toplevel
   from exvo_jax import runtime  # pylint: disable=import-outside-toplevel
   from exvo_jax import stages  # pylint: disable=import-outside-toplevel
   try:
     check_config(config)
   except config_check.ConfigError as error:
-    raise app.UsageError(str(error)) from None
+    raise app.UsageError(str(error), exitcode=2) from None
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 brings that back
     logging.set_verbosity(logging.WARNING)
   started = runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   runtime.check_workdir(workdir)
-  task = task_module(config.task)
+  task = tasks.module(config.task)
   try:
     stages.check(task.checkpointed_stages(config, workdir), restart_changed=config.restart_changed)
   except stages.StageMismatch as error:
     _stop(error, 2)
   runtime.preemption.install()
+  from exvo_jax import prediction  # pylint: disable=import-outside-toplevel
+  from exvo_jax import writers  # pylint: disable=import-outside-toplevel
+  writers.configure(tensorboard=config.log.tensorboard, wandb=config.log.wandb,
+                    wandb_project=config.log.wandb_project, run_name=os.path.basename(os.path.abspath(workdir)))
+  if getattr(task, "WRITES_CONFIG", True) and writers.is_writer():  # what `predict` reads to rebuild the model
+    os.makedirs(workdir, exist_ok=True)
+    writers.write_json(os.path.join(workdir, prediction.CONFIG_FILE), config.to_dict())
   print(f"task {config.task}, workdir {os.path.abspath(workdir)}, {started}", flush=True)
   try:
     task.run(config, workdir)
@@ -102,6 +101,8 @@ def main(argv):
     sys.exit(0)
   except runtime.NonFiniteLoss as error:
     _stop(error, 3)
+  except prediction.PredictError as error:
+    _stop(error, 2)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ clips), the data-parallel meta step (k inner steps of `adaptation.inner_loop` on
 loss on the query clips, second order or first order), and the trainer it hands to the one loop (`loop.train`).
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from exvo_jax import adaptation
 from exvo_jax import emo18_trainer
 from exvo_jax import loop
 from exvo_jax import parallel
+from exvo_jax import writers
 from exvo_jax.data import pipeline
 from exvo_jax.data import schema
 from exvo_jax.evaluation import personalisation
@@ -130,6 +133,7 @@ def meta_train(config, model, target, variables, train, mesh, *, first_order, di
   """
   mode = "fomaml" if first_order else "maml"
   maml = config.maml
+  workdir = os.path.dirname(os.path.dirname(directory))  # directory: <workdir>/checkpoints/<mode or row folder>
   options = pipeline.AudioOptions(clip_samples=int(maml.clip_seconds * schema.SAMPLE_RATE), random_crop=True)
   mask = adaptation.subset_mask(variables["params"], tuple(config.adapt_subset))
   classes = personalisation.clip_classes(target, train.labels) if maml.query_other_classes else None
@@ -152,6 +156,9 @@ def meta_train(config, model, target, variables, train, mesh, *, first_order, di
                                        num_support=config.num_support, num_query=maml.num_query, options=options,
                                        classes=classes),
       to_device=lambda batch: batch, max_to_keep=1, per_item=("episodes", episodes_per_step),
+      metrics_log=os.path.join(workdir, f"metrics_log_{os.path.basename(directory)}.jsonl"),
+      events=writers.events_folder(workdir, os.path.basename(directory)),
+      learning_rates=lambda _: {"outer": maml.outer_learning_rate, "inner": maml.inner_learning_rate},
       progress_every_s=config.log_every_s, log=log)
   schedule = loop.Schedule(total_steps=maml.meta_steps, checkpoint_every=maml.checkpoint_every,
                            log_every=maml.log_every)

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from exvo_jax import checkpoint
 from exvo_jax import config_check
 from exvo_jax import loop
 from exvo_jax import parallel
@@ -233,19 +234,37 @@ def predict(predict_fn, params, table, batch_size):
 # ---------------------------------------------------------------------------------------------------------------
 # Training seeds.
 
+def state_fn(config, objective, dim, seed):
+  """() -> a fresh TrainState of one seed's MLP on `dim` features (with the objective's extra parameters)."""
+
+  def make_state():
+    params = {"mlp": objective.model.init(jax.random.PRNGKey(seed), jnp.zeros((1, dim), jnp.float32))["params"],
+              **{k: jnp.asarray(v) for k, v in objective.extra_params.items()}}
+    return TrainState.create(apply_fn=objective.model.apply, params=params, tx=optax.adam(config.learning_rate))
+
+  return make_state
+
+
+def restore_seed(config, objective, dim, seed, workdir):
+  """The best parameters of a trained seed (`train_seed` in `workdir/seed<k>`), restored on one device, read only."""
+  abstract = checkpoint.with_sharding(jax.eval_shape(state_fn(config, objective, dim, seed)),
+                                      jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  directory = os.path.join(workdir, f"seed{seed}", "checkpoints")
+  with checkpoint.Checkpointer(directory, best_metric=objective.select, best_mode="max", read_only=True) as ckpt:
+    state = ckpt.restore_best(abstract)
+  if state is None:
+    raise FileNotFoundError(f"{directory}: no best checkpoint of seed {seed}; finish the run first (same command "
+                            "and --workdir)")
+  return state.params
+
+
 def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
   """Trains one seed with early stopping on `objective.select`.
 
   Returns (best params, predict_fn, {best_epoch, val (scores of the best epoch), history}).
   """
   train = tables["train"]
-  init_rng = jax.random.PRNGKey(seed)
-  dim = train.features.shape[1]
-
-  def make_state():
-    params = {"mlp": objective.model.init(init_rng, jnp.zeros((1, dim), jnp.float32))["params"],
-              **{k: jnp.asarray(v) for k, v in objective.extra_params.items()}}
-    return TrainState.create(apply_fn=objective.model.apply, params=params, tx=optax.adam(config.learning_rate))
+  make_state = state_fn(config, objective, train.features.shape[1], seed)
 
   # Predictions stay split over devices like their batch (out_specs P('data')), unlike the replicated state.
   predict_fn = parallel.data_parallel(make_predict_step(objective.model), mesh, donate_argnums=(),
@@ -269,6 +288,7 @@ def train_seed(config, objective, tables, seed, workdir, mesh, log=print):
       evaluate=lambda state: objective.score(predict(predict_fn, state.params, tables["validation"], eval_batch),
                                              tables["validation"]),
       best_metric=objective.select, describe=objective.describe, per_item=("clips", config.batch_size),
+      metrics_log=os.path.join(workdir, "metrics_log.jsonl"), learning_rates=lambda _: {"adam": config.learning_rate},
       progress_every_s=config.log_every_s, log=log)
   # These steps take well under a millisecond: the loss is read back (and SIGTERM agreed) every 50 steps.
   schedule = loop.Schedule(total_steps=steps_per_epoch * config.num_epochs, steps_per_epoch=steps_per_epoch,

@@ -132,6 +132,16 @@ def scale_by_tree(factors, warmup_steps=0):
   return optax.GradientTransformation(init, update)
 
 
+def scheduled_rates(config, step):
+  """{'head': rate, 'encoder_top': rate} at 1-based `step`: the pooling and head's, and the top encoder layer's
+  (lower layers take it times layer_decay per layer), with the warm-up of `scale_by_tree`."""
+  warmup = config.ssl.warmup_steps
+  ramp = min(step / warmup, 1.0) if warmup else 1.0
+  frozen = config.ssl.freeze == "encoder"
+  return {"head": config.learning_rate * ramp, **({} if frozen else {"encoder_top": config.ssl.encoder_learning_rate
+                                                                       * ramp})}
+
+
 def make_state_fn(config, model, encoder):
   """sample batch -> a fresh TrainState: the model initialised with `config.seed`, the encoder's weights put in."""
 
@@ -189,7 +199,8 @@ def finetune(config, target, train, val, mesh, workdir, *, settings, name="fine-
   variables, history, predict_fn, best = emo18_trainer.train_base(
       settings, model, target, train, val, mesh, workdir, log=log, record=record(config), name=name,
       describe=describe, make_state=make_state_fn(config, model, encoder),
-      train_step=make_train_step(model, target, loss=config.ssl.loss, seed=config.seed, masked=masked))
+      train_step=make_train_step(model, target, loss=config.ssl.loss, seed=config.seed, masked=masked),
+      learning_rates=lambda step: scheduled_rates(config, step))
   return variables, history, predict_fn, best, model
 
 

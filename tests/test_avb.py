@@ -110,6 +110,10 @@ def test_mlp_smoke_per_task_writes_metrics_and_the_organisers_submission(task, t
   assert result["submissions"] == [f"A-VB-{TITLES[task]}_exvo_jax_1.csv"]
   _check_submission(tmp_path / result["submissions"][0], task, test_ids)
   assert f"| {TITLES[task]} | {target.metric} |" in done.stdout
+  for seed in result["seeds"]:
+    smoke.validation_events(tmp_path / f"seed{seed['seed']}" / "tensorboard" / f"seed_{seed['seed']}",
+                            seed["history"], key)
+  assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_emo18_smoke_on_the_four_tasks_jointly(tmp_path):
@@ -131,6 +135,8 @@ def test_emo18_smoke_on_the_four_tasks_jointly(tmp_path):
     _check_submission(tmp_path / f"A-VB-{TITLES[task]}_exvo_jax_1.csv", task, test_ids)
   stage = json.loads((tmp_path / "checkpoints" / "base" / "stage.json").read_text())["record"]
   assert stage["tasks"] == ["high", "two", "culture", "type"] and stage["data.demo_layout"] == "avb"
+  smoke.validation_events(tmp_path / "tensorboard" / "Emo18", history, "mean_score")
+  assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_emo18_smoke_on_one_task(tmp_path):
@@ -141,6 +147,7 @@ def test_emo18_smoke_on_one_task(tmp_path):
   assert seed["val"]["mean_score"] == seed["val"]["avb_type/uar"]
   test_ids = [r["File_ID"] for r in _label_rows(_demo_root(), "type") if r["Split"] == "Test"]
   _check_submission(tmp_path / "A-VB-Type_exvo_jax_1.csv", "type", test_ids)
+  smoke.validation_events(tmp_path / "tensorboard" / "Emo18", seed["history"], "avb_type/uar")
 
 
 def test_the_avb_release_layout_end_to_end_with_its_shipped_features(tmp_path):

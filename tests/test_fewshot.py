@@ -17,6 +17,8 @@ from exvo_jax import config_check
 from exvo_jax import emo18_trainer
 from exvo_jax import meta_trainer
 from exvo_jax import personaliser
+from exvo_jax.data import builders
+from exvo_jax.data import corpus
 from exvo_jax.data import schema
 from exvo_jax.tasks import fewshot
 
@@ -77,6 +79,9 @@ def test_smoke_end_to_end_writes_metrics_and_submission(smoke_run):
   assert rows[0] == ["File_ID", *schema.EMOTIONS]
   assert {r[0] for r in rows[1:]} == query_ids and len(rows) - 1 == len(query_ids)
   assert all(np.isfinite([float(v) for v in r[1:]]).all() for r in rows[1:])
+  smoke.validation_events(tmp_path / "tensorboard" / "base_model", result["base"]["history"], "mean_ccc")
+  for name in ("training_curves.png", "per_emotion_ccc.png"):
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_sigterm_during_a_prediction_pass_exits_0_and_the_rerun_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
@@ -264,3 +269,38 @@ def test_the_comparison_through_main_keeps_its_finished_rows_across_sigterm(smok
   assert "| speaker_bn |" in table and "helped / hurt / unchanged (of 6)" in table
   assert "| adaptation | Awe |" in table  # the per-emotion means, Table 4's columns
   assert "validation: 3 speakers" in whole.stdout
+
+
+def test_predict_applies_the_base_model_to_new_files_like_the_task(smoke_run, tmp_path):
+  """`predict` (with a chart per file) on the smoke run over every Val clip copied as 16 kHz wav, plus a 44.1 kHz
+  stereo wav, an mp3, an empty file and a text file: every decodable file predicted, the bad ones reported; the
+  predictions of the Val query clips score what the task scored for no adaptation (metrics.json), emotion by
+  emotion."""
+  workdir, _ = smoke_run
+  config = fewshot_config.get_config("smoke")
+  root = corpus.locate("", dataset="hume_vb", demo_size="tiny", demo_seed=0)
+  builder, _ = builders.prepare("hume_vb", root, config="audio")
+  target = emo18_trainer.make_target("hume_vb")
+  val = emo18_trainer.Split.read(builders.data_source(builder, "validation"), target)
+  copies = smoke.mixed_audio_folder(tmp_path / "audio", root, list(val.file_id))
+  done = smoke.run_main("configs/predict.py:charts", workdir, f"--config.audio={tmp_path / 'audio'}",
+                        f"--config.output={tmp_path / 'out'}")
+  header, rows, skipped = smoke.read_predictions(tmp_path / "out")
+  smoke.check_mixed_predictions(done, header, rows, skipped, copies, list(schema.EMOTIONS))
+  episodes = fewshot.support_query(val, num_support=config.num_support, seed=config.support_seed)
+  query = np.concatenate([q for _, q in episodes.values()])
+  by_id = {file_id: name for name, file_id in copies.items()}
+  predicted = np.array([[float(rows[by_id[val.file_id[i]]][e]) for e in schema.EMOTIONS] for i in query])
+  scored = json.loads((workdir / "metrics.json").read_text())["results"]["none"]
+  ccc = [_ccc(predicted[:, k], val.labels[query, k]) for k in range(len(schema.EMOTIONS))]
+  np.testing.assert_allclose(ccc, [scored[e] for e in schema.EMOTIONS], atol=2e-5)
+  charts = sorted(p.name for p in (tmp_path / "out" / "charts").glob("*.png"))
+  assert charts == sorted(f"{name}.png" for name in rows)
+
+
+def _ccc(x, y):
+  """Lin's concordance correlation, population moments (float64 numpy, independent of exvo_jax.metrics)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  covariance = np.mean((x - x.mean()) * (y - y.mean()))
+  return 2 * covariance / (x.var() + y.var() + (x.mean() - y.mean()) ** 2)
+

@@ -63,7 +63,22 @@ def test_smoke_run_trains_samples_and_scores(tmp_path):
   best = min(scored, key=scored.get)
   assert scores["sampled_checkpoints"]["all"] == {"checkpoint": "best", "step": best, "val_fid": scored[best],
                                                   "latest_step": config.gan.steps}
-  assert (workdir / "train_val_fid.png").exists()
+  # TensorBoard: the validation FID of every evaluation, the losses and learning rates, the training grids; the
+  # sampled clips' grid and a few clips per emotion as audio.
+  scalars = smoke.validation_events(workdir / "tensorboard" / "GAN_all",
+                                    [{"step": s, "val_fid": v} for s, v in sorted(scored.items())], "val_fid",
+                                    loss="g_loss")
+  assert {"train/g_loss", "train/d_loss", "learning_rate/generator", "learning_rate/discriminator"} <= set(scalars)
+  _, images, _ = smoke.read_events(workdir / "tensorboard" / "GAN_all")
+  assert images == ["samples/spectrograms"]
+  _, images, audio = smoke.read_events(workdir / "tensorboard" / "samples")
+  assert images == ["samples/spectrograms"]
+  per_emotion_clips = min(config.sample.tensorboard_clips, config.sample.num_per_emotion)
+  assert sorted(audio) == sorted(f"samples/{e}/{e}_{k:04d}" for e in schema.EMOTIONS
+                                 for k in range(1, per_emotion_clips + 1))
+  for name in ("train_val_fid.png", "generated_vs_train_fid.png", "training_curves_gan_all.png",
+               "training_curves_classifier.png"):
+    assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
   table3 = json.loads((workdir / "train_val_fid.json").read_text())
   assert np.array(table3["fid"], dtype=float).shape == (10, 10)
   clips = {p.relative_to(workdir): p.read_bytes() for p in sorted((workdir / "samples").rglob("*.wav"))}

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax.training import train_state
 
+import smoke
 from configs import fewshot as fewshot_config
 from configs import generate as generate_config
 from configs import multitask as multitask_config
@@ -71,7 +72,7 @@ def run_multitask(workdir, splits):
   config = multitask_config.get_config("smoke")
   config.num_epochs, config.batch_size, config.log_every_s = 3, 4, 1e9
   tables = _random_tables()
-  objective = multitask.exvo_objective(config, tables["train"])
+  objective = multitask.exvo_objective(config, float(np.nanmean(tables["train"].age)))
   mesh = parallel.make_mesh(2)
   params, _, result = mlp_trainer.train_seed(config, objective, tables, 0, str(workdir), mesh, log=_quiet)
   return params, result["history"]
@@ -321,3 +322,27 @@ def test_more_steps_continue_a_finished_run_exactly_and_fewer_stop_it(tmp_path):
   assert float(extended.state.params["w"]) == float(straight.state.params["w"])
   with pytest.raises(stages.StageMismatch, match="holds step 12, past this run's 4 steps"):
     loop.train(_toy_trainer(tmp_path / "extended", [], **no_eval)[0], loop.Schedule(total_steps=4), mesh)
+
+
+def test_tensorboard_gets_each_read_back_each_evaluation_the_learning_rate_and_the_actions_images(tmp_path):
+  drawn = []
+
+  def draw(step, state, events):
+    drawn.append(step)
+    events.image(step, "grid", np.full((4, 4, 3), step, np.uint8))
+
+  trainer, mesh = _toy_trainer(tmp_path / "checkpoints", [0.3, 0.7], metrics_log=str(tmp_path / "log.jsonl"),
+                               learning_rates=lambda step: {"sgd": 0.1}, actions=((4, draw),))
+  loop.train(trainer, loop.Schedule(total_steps=8, steps_per_epoch=4, eval_every=4, log_every=1), mesh)
+  scalars, images, _ = smoke.read_events(tmp_path / "tensorboard" / "toy")
+  # The per-step losses of the toy regression by hand: w starts at 0, SGD 0.1 on mean((w x - 2 x)^2).
+  xs, w, losses = np.linspace(-1, 1, 16, dtype=np.float64), 0.0, []
+  for k in range(8):
+    x = xs[k * 4 % 16:][:4]
+    losses.append(np.mean((w * x - 2 * x) ** 2))
+    w -= 0.1 * np.mean(2 * (w * x - 2 * x) * x)
+  assert [s for s, _ in scalars["train/loss"]] == list(range(1, 9))
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]], losses, rtol=1e-5)
+  assert scalars["val/score"] == [(4, pytest.approx(0.3)), (8, pytest.approx(0.7))]
+  assert scalars["learning_rate/sgd"] == [(s, pytest.approx(0.1)) for s in range(1, 9)]
+  assert drawn == [4, 8] and images == ["grid"]

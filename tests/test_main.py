@@ -1,5 +1,6 @@
 """`python -m exvo_jax.main`: the describe task on the tiny demo corpus, overrides, the data root, config typos."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -30,6 +31,8 @@ def test_describe_smoke_builds_the_demo_corpus_and_writes_a_summary(tmp_path):
   assert splits["test"]["labelled_clips"] == 2 * splits["test"]["speakers"]  # the few-shot support set
   assert splits["train"]["labelled_clips"] == splits["train"]["clips"]
   assert "train:" in out.stdout and "emotion means" in out.stdout
+  saved = json.loads((tmp_path / "config.json").read_text())  # what `predict` reads back
+  assert saved["task"] == "describe" and saved["data"]["demo_size"] == "tiny" and saved["log"]["tensorboard"]
 
 
 def test_overrides_and_unknown_variants(tmp_path):
@@ -82,6 +85,8 @@ def test_emogator_reader_on_the_shared_folder():
      ["--config.features.sets: 'egemap' not among: compare, egemaps, boaw, deepspectrum"]),
     ("configs/describe.py:smoke", "--config.data.demo_size=tinny", ["--config.data.demo_size='tinny' is not one of"]),
     ("configs/avb.py:smoke,hihg", None, ["unknown config variant 'hihg'"]),
+    ("configs/predict.py", None, ["--config.audio is empty"]),
+    ("configs/predict.py:chart", None, ["unknown config variant 'chart'"]),
     ("configs/avb.py:smoke", "--config.data.demo_layout=abv",
      ["--config.data.demo_layout='abv' is not one of: exvo, avb"]),
 ])
@@ -116,3 +121,30 @@ def test_a_url_workdir_is_refused_at_start_with_the_reason():
   assert done.returncode == 2, done.stderr
   assert "--workdir=gs://bucket/run: a URL is not supported as a workdir" in done.stderr and "gcsfuse" in done.stderr
   assert "jax imported: False" in done.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_wandb_logging_without_the_package_fails_before_any_work(tmp_path):
+  out = _main("configs/describe.py:smoke", tmp_path / "run", "--config.log.wandb=True",
+              env={"EXVO_CACHE": str(tmp_path / "cache")})
+  assert out.returncode == 2 and "pip install wandb" in out.stderr, out.stderr[-2000:]
+  assert not (tmp_path / "cache").exists()
+
+
+def test_predict_refuses_what_it_cannot_use_with_the_fix(tmp_path):
+  """A folder that is no trained run, a run of a task without a predictor, a glob that names no file: status 2."""
+  (tmp_path / "audio").mkdir()
+  (tmp_path / "audio" / "a.wav").write_bytes(b"")
+  untrained = _main("configs/predict.py", tmp_path / "nothing", f"--config.audio={tmp_path / 'audio'}")
+  assert untrained.returncode == 2 and "no config.json, so this is not the workdir of a trained run" in \
+      untrained.stderr, untrained.stderr[-2000:]
+  generated = tmp_path / "generate_run"
+  generated.mkdir()
+  (generated / "config.json").write_text(json.dumps({"task": "generate"}))
+  out = _main("configs/predict.py", generated, f"--config.audio={tmp_path / 'audio'}")
+  assert out.returncode == 2 and "trained by task 'generate', whose models predict cannot apply; it applies the " \
+      "models of: fewshot, multitask" in out.stderr, out.stderr[-2000:]
+  (generated / "config.json").write_text(json.dumps({"task": "multitask"}))
+  out = _main("configs/predict.py", generated, f"--config.audio={tmp_path / 'audio' / '*.flac'}")
+  assert out.returncode == 2 and "names no file" in out.stderr, out.stderr[-2000:]
+

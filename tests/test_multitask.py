@@ -103,6 +103,12 @@ def test_smoke_end_to_end_writes_metrics_and_submission(smoke_run):
   assert {r[0] for r in rows[1:]} == test_ids and len(rows) - 1 == len(test_ids)
   for r in rows[1:]:
     assert int(r[1]) in range(4) and 0 <= min(map(float, r[3:])) and max(map(float, r[3:])) <= 1
+  # TensorBoard: each seed's validation S_MTL per epoch, as in metrics.json; the figures.
+  for seed in result["seeds"]:
+    smoke.validation_events(tmp_path / f"seed{seed['seed']}" / "tensorboard" / f"seed_{seed['seed']}",
+                            seed["history"], "s_mtl")
+  for name in ("training_curves.png", "per_emotion_ccc.png"):
+    assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
   # The run resumes: a second call with the same workdir trains nothing more and gives the same scores.
   again = smoke.run_main(SMOKE, tmp_path)
   assert "seed 0: resumed at step 12 of 12 (after epoch 2), finished" in again.stdout
@@ -165,7 +171,7 @@ def test_early_stopping_returns_the_best_epoch_params_and_their_scores(tmp_path)
   config.num_epochs, config.patience, config.batch_size, config.learning_rate = 12, 1, 8, 3e-2
   config.log_every_s = 1e9
   tables = _random_tables()
-  objective = multitask.exvo_objective(config, tables["train"])
+  objective = multitask.exvo_objective(config, float(np.nanmean(tables["train"].age)))
   mesh = parallel.make_mesh(2)
   params, predict_fn, result = mlp_trainer.train_seed(config, objective, tables, 0, str(tmp_path), mesh,
                                                     log=lambda *_: None)
@@ -188,7 +194,7 @@ def test_uncertainty_weighting_learns_a_larger_sigma_for_the_larger_loss(tmp_pat
   config = multitask_config.get_config("smoke,uncertainty")
   config.num_epochs, config.batch_size, config.log_every_s = 2, 8, 1e9
   tables = _random_tables()
-  objective = multitask.exvo_objective(config, tables["train"])
+  objective = multitask.exvo_objective(config, float(np.nanmean(tables["train"].age)))
   assert objective.extra_params["log_sigma"].tolist() == pytest.approx([-0.33] * 3)
   params, _, _ = mlp_trainer.train_seed(config, objective, tables, 0, str(tmp_path), parallel.make_mesh(1),
                                       log=lambda *_: None)
@@ -256,3 +262,36 @@ def test_emogator_variant_learns_the_categories_of_real_bursts(tmp_path):
   p_value = scipy.stats.binomtest(correct, 180, 1 / 30, alternative="greater").pvalue
   print(f"validation UAR {result['mean']['uar']:.3f} ({correct} of 180 clips), p = {p_value:.2g}")
   assert p_value < 0.01
+  (seed,) = result["seeds"]
+  smoke.validation_events(tmp_path / "run" / "seed0" / "tensorboard" / "seed_0", seed["history"], "uar")
+  assert (tmp_path / "run" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_applies_the_submitted_seed_to_new_files_like_the_task(smoke_run, tmp_path):
+  """`predict` on the smoke run over Test clips copied as 16 kHz wav, one of them also as 44.1 kHz stereo and as
+  mp3, an empty file and a text file: every decodable file predicted, the bad ones reported; the 16 kHz copies get
+  the submission's predictions (openSMILE on the same samples, the same standardiser, the same seed)."""
+  workdir, _ = smoke_run
+  root = corpus.locate("", dataset="hume_vb", demo_size="tiny", demo_seed=0)
+  result = json.loads((workdir / "metrics.json").read_text())
+  with open(workdir / result["submission"]) as f:
+    submitted = {r["File_ID"]: r for r in csv.DictReader(f)}
+  copies = smoke.mixed_audio_folder(tmp_path / "audio", root, sorted(submitted)[:3])
+  done = smoke.run_main("configs/predict.py", workdir, f"--config.audio={tmp_path / 'audio'}",
+                        f"--config.output={tmp_path / 'out'}")
+  header, rows, skipped = smoke.read_predictions(tmp_path / "out")
+  country_columns = [f"p_country_{c}" for c in schema.COUNTRIES]
+  smoke.check_mixed_predictions(done, header, rows, skipped, copies,
+                                [*schema.EMOTIONS, "age", "country", *country_columns])
+  for name, file_id in copies.items():
+    row, want = rows[name], submitted[file_id]
+    for emotion in schema.EMOTIONS:
+      assert float(row[emotion]) == pytest.approx(float(want[emotion]), abs=2e-6), (name, emotion)
+    assert float(row["age"]) == pytest.approx(float(want["Age"]), abs=1e-4)
+    assert schema.COUNTRIES.index(row["country"]) == int(want["Country"])
+  for row in rows.values():
+    probabilities = [float(row[c]) for c in country_columns]
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert row["country"] == schema.COUNTRIES[int(np.argmax(probabilities))]
+    assert all(0 <= float(row[e]) <= 1 for e in schema.EMOTIONS)
+

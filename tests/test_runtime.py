@@ -179,6 +179,9 @@ def test_sigterm_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path, 
     assert (f"resumed at step {saved} of {2 * steps_per_epoch} (epoch 2, step {saved - steps_per_epoch} of "
             f"{steps_per_epoch})") in resumed
   _assert_same_state(_latest_state(uninterrupted), _latest_state(tmp_path))
+  # TensorBoard: every evaluation once, and the training loss once per logged step, across the two runs' files.
+  smoke.validation_events(tmp_path / "tensorboard" / "base_model",
+                          json.loads((tmp_path / "metrics.json").read_text())["base"]["history"], "mean_ccc")
   expected = _results(uninterrupted)
   for mode, scores in _results(tmp_path).items():
     assert scores == pytest.approx(expected[mode], abs=1e-6)

@@ -327,6 +327,8 @@ def test_avb_jointly_on_a_fine_tuned_encoder_with_uncertainty_weighting_through_
   assert stage["model"] == "ssl" and stage["encoder.weights"] == "random" and stage["uncertainty_weighting"]
   logs = [json.loads(line) for line in (tmp_path / "metrics_log.jsonl").read_text().splitlines()]
   assert any("loss_avb_type" in entry for entry in logs)  # each task's own loss is logged beside the total
+  scalars = smoke.validation_events(tmp_path / "tensorboard" / "fine-tuned_encoder", seed["history"], "mean_score")
+  assert {"learning_rate/head", "learning_rate/encoder_top", "train/loss_avb_type"} <= set(scalars)
 
 
 def test_fewshot_on_a_fine_tuned_encoder_resumes_after_sigterm_like_an_uninterrupted_run(tmp_path):
@@ -348,6 +350,7 @@ def test_fewshot_on_a_fine_tuned_encoder_resumes_after_sigterm_like_an_uninterru
   result = json.loads((tmp_path / "run" / "metrics.json").read_text())
   assert result["results"] == reference["results"]
   assert result["base"]["history"] == reference["base"]["history"]
+  smoke.validation_events(tmp_path / "run" / "tensorboard" / "base_model", result["base"]["history"], "mean_ccc")
   name = reference["submission"]
   assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
 

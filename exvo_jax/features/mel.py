@@ -57,6 +57,14 @@ def _mel_to_hz(mel):
   return np.where(mel >= 15.0, 1000.0 * np.exp(log_step * (np.maximum(mel, 15.0) - 15.0)), linear)
 
 
+def band_of(hz):
+  """The (fractional) mel band whose filter centres on `hz`, for axis ticks: band i centres on edge i + 1 of the
+  N_MELS + 2 edges equally spaced in mel from 0 Hz to Nyquist; clipped to the bands' range [-0.5, N_MELS - 0.5]."""
+  top = _hz_to_mel(SAMPLE_RATE / 2)
+  position = (_hz_to_mel(hz) - _hz_to_mel(0.0)) / (top - _hz_to_mel(0.0)) * (N_MELS + 1) - 1.0
+  return float(np.clip(position, -0.5, N_MELS - 0.5))
+
+
 @functools.cache
 def _filterbank64():
   """[N_MELS, N_BINS] float64 triangular filters, each scaled to unit sum."""

@@ -35,6 +35,7 @@ import numpy as np
 
 from exvo_jax import config_check
 from exvo_jax import emo18_trainer
+from exvo_jax import figures
 from exvo_jax import mlp_trainer
 from exvo_jax import parallel
 from exvo_jax import ssl_trainer
@@ -307,6 +308,9 @@ def run(config, workdir):
   if test_scores:  # a release whose Test labels are out (for some tasks or all): score them too
     result["test"], result["test_scores"] = test, test_scores
   writers.write_json(os.path.join(workdir, "metrics.json"), result)
+  figures.save(figures.training_curves({f"seed {s['seed']}": s["history"] for s in trained.seeds},
+                                       metric=joint.metric, title=f"A-VB {'+'.join(config.tasks)} ({config.model})"),
+               os.path.join(workdir, "training_curves.png"))
   print(format_summary(config, result))
   return result
 

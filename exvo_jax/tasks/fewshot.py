@@ -53,10 +53,12 @@ import numpy as np
 from exvo_jax import adaptation
 from exvo_jax import config_check
 from exvo_jax import emo18_trainer
+from exvo_jax import figures
 from exvo_jax import meta_trainer
 from exvo_jax import mlp_trainer
 from exvo_jax import parallel
 from exvo_jax import personaliser as personaliser_lib
+from exvo_jax import prediction
 from exvo_jax import runtime
 from exvo_jax import ssl_trainer
 from exvo_jax import stages
@@ -65,6 +67,7 @@ from exvo_jax.data import builders
 from exvo_jax.data import corpus
 from exvo_jax.data import schema
 from exvo_jax.evaluation import personalisation
+from exvo_jax.features import ssl_embeddings
 from exvo_jax.models import emo18
 
 SPLITS = {"hume_vb": ("train", "validation", "test"), "emogator": ("train", "val")}
@@ -102,6 +105,18 @@ def format_table(target, results):
   for mode, scores in results.items():
     lines.append(f"| {mode} | " + " | ".join(f"{scores[c]:.3f}" for c in columns) + " |")
   return "\n".join(lines)
+
+
+def write_figures(config, target, history, results, workdir):
+  """training_curves.png (the base model's training loss and validation metric per epoch) and, for the emotion
+  intensities, per_emotion_ccc.png: each emotion's CCC on the query clips, no adaptation beside the chosen one."""
+  figures.save(figures.training_curves({"base model": history}, metric=target.metric,
+                                       title=f"FewShot base model ({config.model})"),
+               os.path.join(workdir, "training_curves.png"))
+  if target.kind == "regression":
+    figures.save(figures.bars({mode: [scores[name] for name in target.names] for mode, scores in results.items()},
+                              target.names, title=f"{config.val_split} query clips: CCC per emotion",
+                              ylabel="CCC"), os.path.join(workdir, "per_emotion_ccc.png"))
 
 
 def write_submission(path, split, predictions):
@@ -373,6 +388,7 @@ def run(config, workdir):
         speaker: float(target.loss(np.stack([predictions[i] for i in rows]), val.labels[rows], masked=False))
         for speaker, (_, rows) in val_episodes.items()}
   table = format_table(target, results)
+  write_figures(config, target, history, results, workdir)
   print(f"{config.val_split}: {len(query)} query clips of {len(val_episodes)} speakers "
         f"({config.num_support} support clips each, seed {config.support_seed})")
   print(table)
@@ -452,7 +468,7 @@ def compare(config, model, target, variables, history, splits, mesh, workdir, ba
 
 
 # Keys that do not change what an adaptation predicts (a comparison row's record leaves them out).
-_NOT_ADAPTATION = ("compare", "support_draws", "log_every_s", "team", "submission_number", "num_devices",
+_NOT_ADAPTATION = ("compare", "support_draws", "log_every_s", "log", "team", "submission_number", "num_devices",
                    "restart_changed", "eval_batch_size", "adapt_query_batch")
 _NOT_PREDICTION = ("maml.log_every", "maml.checkpoint_every")
 
@@ -466,3 +482,40 @@ def _read_json(path):
   except (OSError, ValueError):
     return None
   return kept if isinstance(kept, dict) and {"record", "draws"} <= set(kept) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prediction on new audio (the `predict` task).
+
+def predictor(config, workdir):
+  """The trained base model (Emo18 or the speech encoder), its best epoch, with no per-speaker adaptation (a new
+  file's speaker and labels are unknown); clips are read as in the task (cut at max_seconds)."""
+  target = emo18_trainer.make_target(config.data.dataset)
+  mesh = parallel.make_mesh()
+  model = make_model(config, target)
+  if config.model == "ssl":
+    encoder = ssl_embeddings.load_encoder(config.encoder.checkpoint, config.encoder.seed)
+    make_state = ssl_trainer.make_state_fn(config, model, encoder)
+  else:
+    make_state = emo18_trainer.emo18_state_fn(model, base_settings(config))
+  options = personaliser_lib.audio_options(config)
+  variables = emo18_trainer.restore_base(workdir, make_state, options, target, mesh)
+  predict_fn = parallel.data_parallel(emo18_trainer.make_predict_step(model), mesh, donate_argnums=(),
+                                      out_specs=jax.sharding.PartitionSpec(parallel.DATA_AXIS))
+  batch = max(config.eval_batch_size // mesh.size, 1) * mesh.size
+  if target.kind == "regression":
+    columns, chart = list(target.names), list(target.names)
+  else:
+    columns = prediction.class_columns(target.name, target.names)
+    chart = columns[1:]
+
+  def predict(clips):
+    records = [{"audio": clip, "file_id": str(i), "speaker": ""} for i, clip in enumerate(clips)]
+    outputs, _ = emo18_trainer.predict_split(predict_fn, variables, records, options, batch)
+    outputs = np.asarray(outputs)
+    if target.kind == "regression":
+      return [list(map(float, row)) for row in outputs]
+    return prediction.class_values(outputs, target.names)
+
+  what = "Emo18" if config.model == "emo18" else "fine-tuned speech encoder"
+  return prediction.Predictor(columns, predict, chart, f"FewShot {what} (best epoch, no adaptation) from {workdir}")

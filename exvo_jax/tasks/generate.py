@@ -33,8 +33,8 @@ import numpy as np
 from exvo_jax import checkpoint
 from exvo_jax import config_check
 from exvo_jax import emo18_trainer
+from exvo_jax import figures
 from exvo_jax import gan as gan_lib
-from exvo_jax import images
 from exvo_jax import loop
 from exvo_jax import parallel
 from exvo_jax import sampling
@@ -120,10 +120,18 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
   if writers.is_writer():
     os.makedirs(samples_dir, exist_ok=True)
 
-  def write_grid(step, state):
+  grid_names = None  # a conditional grid cycles through the emotions' bin means (`grid_conditions`' rows)
+  if gan.conditional:
+    emotions = list(config.emotions or EMOTIONS)
+    grid_names = [emotions[i % len(emotions)] for i in range(gc.grid_size)]
+
+  def write_grid(step, state, events):
     grid = np.asarray(generate(state.generator_ema, grid_latent, grid_condition))
-    images.write_png(os.path.join(samples_dir, f"{name}_step{step:06d}.png"),
-                     images.spectrogram_grid(grid, columns=min(gc.grid_size, 5), vmin=mel.PAD_VALUE))
+    fig = figures.spectrogram_grid(grid, columns=min(gc.grid_size, 5), vmin=mel.PAD_VALUE, names=grid_names,
+                                   title=f"GAN {name}, step {step} (EMA generator, fixed latents)")
+    figures.save(fig, os.path.join(samples_dir, f"{name}_step{step:06d}.png"))
+    if events is not None:
+      events.image(step, "samples/spectrograms", figures.to_image(fig))
 
   trainer = loop.Trainer(
       name=f"GAN {name}", directory=gan_directory(workdir, name), record=gan_record(config, name),
@@ -133,10 +141,26 @@ def train_gan(config, gan, name, source, mesh, workdir, *, grid_conditions=None,
       to_device=lambda batch: {"audio": batch["audio"], "condition": batch["emotions"].astype(np.float32)},
       evaluate=evaluate, best_metric=fid.BEST_METRIC, best_mode="min",
       metrics_log=os.path.join(workdir, f"metrics_log_gan_{name}.jsonl"), actions=((gc.sample_every, write_grid),),
+      learning_rates=lambda _: {"generator": gc.generator_learning_rate,
+                                "discriminator": gc.discriminator_learning_rate},
       describe=fid.describe_validation, per_item=("clips", gc.batch_size), progress_every_s=gc.log_every_s, log=log)
   schedule = loop.Schedule(total_steps=gc.steps, eval_every=gc.eval_every if evaluate else 0,
                            checkpoint_every=gc.checkpoint_every, log_every=gc.log_every)
   return loop.train(trainer, schedule, mesh)
+
+
+def write_sample_events(config, workdir, generated, grid_image, sampled):
+  """The sampled clips' spectrogram grid and the first `sample.tensorboard_clips` clips of every emotion as audio,
+  in the TensorBoard run `samples`, at the sampled GAN step."""
+  step = max(int(which["step"]) for which in sampled.values())
+  events = writers.EventLog(writers.events_folder(workdir, "samples"))
+  try:
+    events.image(step, "samples/spectrograms", grid_image)
+    for emotion, records in generated.items():
+      for record in records[:config.sample.tensorboard_clips]:
+        events.audio(step, f"samples/{emotion}/{record['file_id']}", record["audio"], schema.SAMPLE_RATE)
+  finally:
+    events.close()
 
 
 def restore_gan(config, gan, name, mesh, workdir):
@@ -332,12 +356,16 @@ def run(config, workdir):
   classifier, floor, train_emb, val_emb = None, None, None, None
   if config.mode == "train" or config.score:
     classifier, history = train_classifier(config, splits, mesh, workdir)
+    figures.save(figures.training_curves({"FID classifier": history}, metric=emo18_trainer.make_target(
+        "hume_vb").metric), os.path.join(workdir, "training_curves_classifier.png"))
     val_bins = emotion_bins(val)
     train_emb = {e: classifier.embed(Subset(train.source, bins[e]))[1] for e in EMOTIONS}
     val_emb = {e: classifier.embed(Subset(val.source, val_bins[e]))[1] for e in EMOTIONS}
     floor = dict(fid.train_val_floor(train_emb, val_emb), classifier_history=history)
     writers.write_json(os.path.join(workdir, "train_val_fid.json"), floor)
-    images.write_png(os.path.join(workdir, "train_val_fid.png"), images.heat_map(floor["fid"]))
+    figures.save(figures.fid_matrix(floor["fid"], EMOTIONS, EMOTIONS, title="FID of the classifier's embeddings, "
+                                    "Train vs Val bins (the floor)", row_label="Train bin",
+                                    column_label="Val bin"), os.path.join(workdir, "train_val_fid.png"))
     print("train-vs-val FID (rows train, columns val), diagonal: "
           + ", ".join(f"{e} {floor['fid'][k, k]:.2f}" for k, e in enumerate(EMOTIONS)))
 
@@ -351,7 +379,10 @@ def run(config, workdir):
       if config.gan.eval_every > 0:
         evaluate = make_validation_fid(config, gan, emotions if name == "all" else [name], classifier, val_emb,
                                        conditions)
-      train_gan(config, gan, name, source, mesh, workdir, grid_conditions=grid, evaluate=evaluate)
+      trained = train_gan(config, gan, name, source, mesh, workdir, grid_conditions=grid, evaluate=evaluate)
+      figures.save(figures.training_curves({f"GAN {name}": trained.history}, metric=fid.BEST_METRIC, mode="min",
+                                           losses=("train_g_loss", "train_d_loss")),
+                   os.path.join(workdir, f"training_curves_gan_{name}.png"))
     state, sampled[name] = restore_gan(config, gan, name, mesh, workdir)  # the best scored, per sample.checkpoint
     gans[name] = (gan, state)
 
@@ -363,9 +394,10 @@ def run(config, workdir):
     generated[e], spectrograms = _sample(config, generate, params, e, condition, out_dir,
                                          num=config.sample.num_per_emotion, seed=config.sample.seed)
     grids.append(spectrograms[:config.sample.grid_columns])
-  images.write_png(os.path.join(out_dir, "spectrograms.png"),
-                   images.spectrogram_grid(np.concatenate(grids), columns=config.sample.grid_columns,
-                                           vmin=mel.PAD_VALUE))
+  grid = figures.spectrogram_grid(np.concatenate(grids), columns=config.sample.grid_columns, vmin=mel.PAD_VALUE,
+                                  row_names=emotions, title="generated clips, one row per emotion")
+  figures.save(grid, os.path.join(out_dir, "spectrograms.png"))
+  write_sample_events(config, workdir, generated, figures.to_image(grid), sampled)
   print(f"wrote {sum(len(v) for v in generated.values())} clips to {os.path.abspath(out_dir)} "
         f"({config.sample.num_per_emotion} per emotion; one row per emotion in spectrograms.png)")
 
@@ -377,6 +409,10 @@ def run(config, workdir):
                             ratings_csv=config.ratings_csv))
     result["train_val_fid_diagonal"] = [float(floor["fid"][k, k]) for k in range(len(EMOTIONS))]
     print(fid.format_scores(result))
+    matrix = result["generated_vs_train_fid"]
+    figures.save(figures.fid_matrix(matrix["fid"], matrix["rows"], matrix["columns"],
+                                    title="FID of generated clips against each Train bin", row_label="generated as",
+                                    column_label="Train bin"), os.path.join(workdir, "generated_vs_train_fid.png"))
   result["seconds"] = time.monotonic() - start
   writers.write_json(os.path.join(workdir, "scores.json"), result)
   return result

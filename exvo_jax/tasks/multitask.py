@@ -11,27 +11,32 @@ ExVo-Multi submission format. The training itself is `exvo_jax/mlp_trainer.py`, 
 import json
 import os
 
+import jax
 import numpy as np
 
 from exvo_jax import config_check
+from exvo_jax import figures
 from exvo_jax import metrics
 from exvo_jax import mlp_trainer
+from exvo_jax import prediction
 from exvo_jax import targets
 from exvo_jax import writers
 from exvo_jax.data import builders
 from exvo_jax.data import corpus
 from exvo_jax.data import schema
+from exvo_jax.features import opensmile as opensmile_lib
 from exvo_jax.features import tables as tables_lib
 
 SCORES = ("emo_ccc", "cou_uar", "age_mae", "s_mtl")
 EXVO_TARGETS = ("emotions", "age", "country")
 
 
-def exvo_objective(config, train):
-  """The ExVo-MultiTask objective: emotions + age + country, selected on S_MTL."""
+def exvo_objective(config, train_age_mean):
+  """The ExVo-MultiTask objective: emotions + age + country, selected on S_MTL (the age head's bias starts at
+  `train_age_mean` with `config.age_bias_at_mean`)."""
   return mlp_trainer.targets_objective(EXVO_TARGETS, score, "s_mtl", uncertainty=config.uncertainty_weighting,
-                           age_bias=float(np.nanmean(train.age)) if config.age_bias_at_mean else 0.0,
-                           layers=mlp_trainer.input_layers(config))
+                                       age_bias=train_age_mean if config.age_bias_at_mean else 0.0,
+                                       layers=mlp_trainer.input_layers(config))
 
 
 def category_objective(config):
@@ -102,6 +107,13 @@ def _summary(seeds, keys):
           "std": {k: float(v.std()) for k, v in values.items()}}
 
 
+def write_figures(config, seeds, metric, workdir):
+  """training_curves.png: every seed's training loss and validation `metric` per epoch, its best epoch starred."""
+  figures.save(figures.training_curves({f"seed {s['seed']}": s["history"] for s in seeds}, metric=metric,
+                                       title=f"MultiTask MLP on {'+'.join(config.features.sets)}"),
+               os.path.join(workdir, "training_curves.png"))
+
+
 def check_config(config):
   """Fails before any work on a value outside its choices."""
   mlp_trainer.check_features(config)
@@ -122,7 +134,8 @@ def run(config, workdir):
   dims = train.features.shape[1]
   print(f"multitask on {'+'.join(config.features.sets)} ({dims} dims): {len(train)} train, "
         f"{len(tables['validation'])} val, {len(tables['test'])} test clips, {mesh.size} device(s)")
-  runs = mlp_trainer.train_seeds(config, exvo_objective(config, train), tables, workdir, mesh)
+  objective = exvo_objective(config, float(np.nanmean(train.age)))
+  runs = mlp_trainer.train_seeds(config, objective, tables, workdir, mesh)
   seeds = [r[0] for r in runs]
   summary = _summary(seeds, SCORES)
   best = int(np.argmax([s["val"]["s_mtl"] for s in seeds]))
@@ -138,6 +151,13 @@ def run(config, workdir):
       "submission": os.path.basename(submission), "submission_seed": seeds[best]["seed"],
   }
   writers.write_json(os.path.join(workdir, "metrics.json"), result)
+  write_figures(config, seeds, "s_mtl", workdir)
+  validation = tables["validation"].select(tables["validation"].labelled)
+  per_emotion = np.asarray(metrics.ccc(mlp_trainer.predict(predict_fn, params, validation, eval_batch)["emotions"],
+                                       validation.emotions))
+  figures.save(figures.bars({f"seed {seeds[best]['seed']}": per_emotion}, schema.EMOTIONS,
+                            title="Val: CCC per emotion (the seed best on Val)", ylabel="CCC"),
+               os.path.join(workdir, "per_emotion_ccc.png"))
   name = "+".join(config.features.sets) + (f"({config.features.boaw_words})" if "boaw" in config.features.sets
                                            else "")
   print(TABLE_HEADER)
@@ -165,8 +185,64 @@ def run_categories(config, workdir, root):
             "dims": int(tables["train"].features.shape[1]),
             "split": "validation", "seeds": seeds, **_summary(seeds, ("uar",)), "chance_uar": 1 / num_categories}
   writers.write_json(os.path.join(workdir, "metrics.json"), result)
+  write_figures(config, seeds, "uar", workdir)
   print(f"val UAR {result['mean']['uar']:.3f} +- {result['std']['uar']:.3f} (chance {1 / num_categories:.3f})")
   return result
 
 
 checkpointed_stages = mlp_trainer.checkpointed_stages  # one stage per seed: `<workdir>/seed<k>/checkpoints`
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prediction on new audio (the `predict` task).
+
+PREDICTABLE_SETS = ("compare", "egemaps")
+
+
+def predictor(config, workdir):
+  """The seed this run submitted (the best on Val), its features extracted from each clip with openSMILE and
+  standardised with the run's training statistics: the emotions, age and country (with its probabilities), or
+  EmoGator's categories."""
+  sets = tuple(config.features.sets)
+  if config.features.from_release or not set(sets) <= set(PREDICTABLE_SETS):
+    raise prediction.PredictError(
+        f"this MultiTask run used the feature set(s) {'+'.join(sets)}"
+        f"{' from the release' if config.features.from_release else ''}; predict extracts "
+        f"{' and '.join(PREDICTABLE_SETS)} functionals from new audio (bag-of-audio-words, DeepSpectrum and encoder "
+        "embeddings are not extracted for new files yet)")
+  result_path = os.path.join(workdir, "metrics.json")
+  if not os.path.isfile(result_path):
+    raise prediction.PredictError(f"{result_path} is missing: the run has not finished; rerun its training command "
+                                  "with the same --workdir")
+  with open(result_path) as f:
+    result = json.load(f)
+  categories = config.data.dataset == "emogator"
+  seeds = result["seeds"]
+  seed = (seeds[int(np.argmax([s["val"]["uar"] for s in seeds]))]["seed"] if categories
+          else result["submission_seed"])
+  moments = np.load(os.path.join(workdir, "standardiser.npz"))
+  mean, std = moments["mean"], moments["std"]
+  objective = category_objective(config) if categories else exvo_objective(config, 0.0)  # the bias is restored
+  params = mlp_trainer.restore_seed(config, objective, len(mean), seed, workdir)
+  apply = jax.jit(lambda x: objective.model.apply({"params": params["mlp"]}, x))
+  smiles = [opensmile_lib.make_smile(name) for name in sets]
+  if categories:
+    from exvo_jax.data import emogator as emogator_lib  # pylint: disable=import-outside-toplevel
+    names = list(emogator_lib.CATEGORIES)
+    columns, chart = prediction.class_columns("category", names), [f"p_category_{n}" for n in names]
+  else:
+    columns = [*schema.EMOTIONS, "age", *prediction.class_columns("country", schema.COUNTRIES)]
+    chart = list(schema.EMOTIONS)
+
+  def predict(clips):
+    features = np.stack([np.concatenate([opensmile_lib.compute(smile, clip) for smile in smiles]) for clip in clips])
+    outputs = {k: np.asarray(v) for k, v in apply(((features - mean) / std).astype(np.float32)).items()}
+    if categories:
+      return prediction.class_values(outputs["category"], names)
+    countries = prediction.class_values(outputs["country"], schema.COUNTRIES)
+    return [[*map(float, outputs["emotions"][i]), float(outputs["age"][i]), *countries[i]]
+            for i in range(len(clips))]
+
+  return prediction.Predictor(columns, predict, chart, f"MultiTask MLP seed {seed} (best on Val) on "
+                              f"{'+'.join(sets)} from {workdir}")
+
